@@ -1,0 +1,44 @@
+# Corral: `make run` starts the server on the embedded default; `make test` runs every check.
+# Both install what they need first (make install), and are quick when it is already there.
+SHELL := /bin/bash
+VENV := .venv
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install run test lint typecheck unit test-sqlite test-postgres lock clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml scripts/python312
+	@test -x $(VENV)/bin/python || "$$(scripts/python312)" -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+run: install
+	$(VENV)/bin/corral serve --host $(HOST) --port $(PORT)
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+test-sqlite: install
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+test-postgres: install
+	scripts/test-postgres $(VENV)/bin/pytest -q -p no:cacheprovider tests/integration
+
+test: lint typecheck test-sqlite test-postgres
+
+lock:
+	rm -rf /tmp/corral-lock-venv && "$$(scripts/python312)" -m venv /tmp/corral-lock-venv
+	/tmp/corral-lock-venv/bin/pip install --quiet -r requirements.in
+	{ echo '# Pinned with `make lock` from requirements.in (python3.12).'; /tmp/corral-lock-venv/bin/pip freeze --all --exclude pip; } > requirements.lock
+	rm -rf /tmp/corral-lock-venv
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

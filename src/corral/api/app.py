@@ -1,0 +1,63 @@
+"""The application factory: wires settings, store, services and routers into one FastAPI app."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from corral import __version__
+from corral.api import errors
+from corral.api.deps import AppState
+from corral.api.limits import BodyLimit
+from corral.api.routers import audit, auth, egress, env, health, secrets, users
+from corral.config import Settings
+from corral.domain.clock import Clock, SystemClock
+from corral.domain.ratelimit import Limit, RateLimiter
+from corral.security.secretbox import AesGcmCipher, load_or_create_key
+from corral.services.context import Services
+from corral.store.db import make_engine, migrate, session_factory
+
+log = logging.getLogger("corral")
+
+DESCRIPTION = """\
+Corral runs AI agents and untrusted code in sandboxes on your own machines, with each sandbox's network,
+credentials and spending under its owner's control.
+
+Authenticate with `Authorization: Bearer <api_key>` (get a key from `POST /v1/users` or `corral login`).
+Lists return `{"data", "has_more", "cursor"}`: pass `cursor` back to get the next page.
+Errors return `{"error": {"code", "message"}}`. Timestamps are ISO 8601 UTC.
+"""
+
+
+def create_app(settings: Settings | None = None, *, clock: Clock | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    clock = clock or SystemClock()
+    engine = make_engine(settings.database_url)
+    migrate(engine)
+    cipher = AesGcmCipher(load_or_create_key(settings.secret_key_file))
+    app = FastAPI(
+        title="Corral API",
+        version=__version__,
+        description=DESCRIPTION,
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.corral = AppState(
+        settings=settings,
+        engine=engine,
+        sessions=session_factory(engine),
+        services=Services(
+            clock=clock, cipher=cipher, device_code_ttl_seconds=settings.device_code_ttl_seconds
+        ),
+        key_limiter=RateLimiter(Limit.per_minute(settings.rate_limit_per_minute, settings.rate_limit_burst)),
+        anon_limiter=RateLimiter(
+            Limit.per_minute(settings.anon_rate_limit_per_minute, settings.anon_rate_limit_burst)
+        ),
+    )
+    errors.install(app)
+    for module in (health, users, auth, env, secrets, egress, audit):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,81 @@
+"""Dependencies the routers declare with ``Annotated``: the database session, the caller, rate limits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from corral.config import Settings
+from corral.domain.errors import RateLimited, Unauthorized
+from corral.domain.ratelimit import RateLimiter
+from corral.services.context import Services
+from corral.services.users import Principal, authenticate
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    services: Services
+    key_limiter: RateLimiter
+    anon_limiter: RateLimiter
+
+
+def state(request: Request) -> AppState:
+    st = request.app.state.corral
+    assert isinstance(st, AppState)
+    return st
+
+
+StateDep = Annotated[AppState, Depends(state)]
+
+
+def db(st: StateDep) -> Iterator[Session]:
+    """One transaction per request: committed when the handler returns, rolled back when it raises."""
+    with st.sessions() as session, session.begin():
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(db)]
+
+
+def _limit(st: AppState, limiter: RateLimiter, key: str) -> None:
+    wait = limiter.take(key, st.services.clock.monotonic())
+    if wait:
+        raise RateLimited(f"Too many requests; retry in {wait} s", retry_after=wait)
+
+
+def principal(request: Request, st: StateDep) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        _limit(st, st.anon_limiter, _client(request))
+        raise Unauthorized("Missing API key: pass it as 'Authorization: Bearer <api_key>'")
+    if scheme.lower() != "bearer" or not token.strip():
+        _limit(st, st.anon_limiter, _client(request))
+        raise Unauthorized("Authorization header must be 'Bearer <api_key>'")
+    with st.sessions() as session:
+        who = authenticate(session, token.strip())
+    if who is None:
+        _limit(st, st.anon_limiter, _client(request))
+        raise Unauthorized("Invalid API key")
+    _limit(st, st.key_limiter, who.key_id)
+    return who
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def anonymous_limit(request: Request, st: StateDep) -> None:
+    _limit(st, st.anon_limiter, _client(request))
+
+
+PrincipalDep = Annotated[Principal, Depends(principal)]
+AnonLimit = Depends(anonymous_limit)

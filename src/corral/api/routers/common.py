@@ -1,0 +1,37 @@
+"""What every router shares: documented error responses and list query parameters."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Query
+
+from corral.api.schemas import ErrorEnvelope
+
+_DESCRIPTIONS = {
+    400: "Bad request: malformed JSON, a bad query parameter or cursor, or a body over the size limit",
+    401: "Missing or invalid API key",
+    404: "Resource not found (or not yours)",
+    409: "Conflict",
+    422: "Validation error",
+    429: "Rate limited; see the Retry-After header",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {"model": ErrorEnvelope, "description": _DESCRIPTIONS[status]}
+        if status == 429:
+            entry["headers"] = {
+                "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
+            }
+        out[status] = entry
+    return out
+
+
+AUTHED = (400, 401, 422, 429)
+
+Cursor = Annotated[str | None, Query(description="Pagination cursor from the previous response")]
+Limit = Annotated[int | None, Query(description="Results per page")]
+SortOrder = Annotated[str | None, Query(description="Sort order: asc, desc")]

@@ -1,0 +1,58 @@
+"""Signup and the caller's own account."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from corral.api.deps import AnonLimit, PrincipalDep, SessionDep, StateDep
+from corral.api.routers.common import AUTHED, errors
+from corral.api.schemas import ApiKeyOut, SignupRequest, SignupResponse, UserOut
+from corral.domain.errors import ValidationFailed
+from corral.services import users
+from corral.store.tables import User
+
+router = APIRouter(prefix="/v1/users", tags=["users"])
+
+
+def user_out(user: User) -> UserOut:
+    return UserOut(
+        id=user.id,
+        first_name=user.first_name,
+        last_name=user.last_name,
+        email=user.email,
+        email_verified=user.email_verified,
+        created_at=user.created_at,
+    )
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=SignupResponse,
+    summary="Create a user",
+    description="Creates an account and returns an API key whose token is shown once. No authentication.",
+    responses=errors(400, 409, 422, 429),
+    dependencies=[AnonLimit],
+)
+def create_user(body: SignupRequest, session: SessionDep, st: StateDep) -> SignupResponse:
+    try:
+        user, issued = users.signup(
+            session,
+            st.services.clock,
+            first_name=body.first_name,
+            last_name=body.last_name,
+            email=body.email,
+            password=body.password.get_secret_value(),
+        )
+    except ValueError as exc:
+        raise ValidationFailed(str(exc)) from None
+    key = issued.key
+    return SignupResponse(
+        api_key=ApiKeyOut(id=key.id, name=key.name, token=issued.token, created_at=key.created_at),
+        user=user_out(user),
+    )
+
+
+@router.get("/me", response_model=UserOut, summary="The authenticated user", responses=errors(*AUTHED))
+def me(who: PrincipalDep, session: SessionDep) -> UserOut:
+    return user_out(users.get_user(session, who.user_id))

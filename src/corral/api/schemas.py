@@ -1,0 +1,207 @@
+"""Request and response bodies, exactly as the iron.sh reference shows them.
+
+Requests are strict (no type coercion, unknown fields rejected); responses are built from service results.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, SecretStr, model_validator
+
+from corral.domain.clock import iso
+
+T = TypeVar("T")
+
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(iso, return_type=str),
+    Field(json_schema_extra={"format": "date-time", "example": "2026-02-28T12:00:00Z"}),
+]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+
+
+class ErrorBody(Response):
+    code: str = Field(examples=["vm_not_found"])
+    message: str = Field(examples=["No VM with ID vm_k3mf9xvw2p"])
+
+
+class ErrorEnvelope(Response):
+    error: ErrorBody
+
+
+# --- lists ----------------------------------------------------------------------------------------------
+
+
+class ListEnvelope[T](Response):
+    data: list[T]
+    has_more: bool
+    cursor: str | None = Field(description="Pass as `cursor` to get the next page; null on the last page.")
+
+
+class DataEnvelope[T](Response):
+    data: T
+
+
+# --- health ---------------------------------------------------------------------------------------------
+
+
+class Health(Response):
+    status: Literal["ok", "ready"]
+
+
+# --- users ----------------------------------------------------------------------------------------------
+
+
+class SignupRequest(Request):
+    first_name: str = Field(min_length=1, max_length=100)
+    last_name: str = Field(min_length=1, max_length=100)
+    email: str = Field(min_length=3, max_length=254)
+    password: SecretStr = Field(min_length=8, max_length=1024)
+
+
+class UserOut(Response):
+    id: str
+    first_name: str
+    last_name: str
+    email: str
+    email_verified: bool
+    created_at: Timestamp
+
+
+class ApiKeyOut(Response):
+    id: str
+    name: str
+    token: str = Field(description="Shown once. Use it as `Authorization: Bearer <token>`.")
+    created_at: Timestamp
+
+
+class SignupResponse(Response):
+    api_key: ApiKeyOut
+    user: UserOut
+
+
+# --- device-code login ------------------------------------------------------------------------------------
+
+
+class DeviceCodeOut(Response):
+    code: str = Field(examples=["ABCD-1234"])
+    verification_uri: str
+    expires_at: Timestamp
+
+
+class DevicePollOut(Response):
+    status: Literal["pending", "authorized", "expired"]
+    token: str | None = Field(default=None, description="Present only when status is authorized.")
+
+
+class DeviceApproveRequest(Request):
+    code: str = Field(min_length=1, max_length=32)
+
+
+class DeviceApproveOut(Response):
+    code: str
+    status: Literal["approved"]
+
+
+# --- environment variables --------------------------------------------------------------------------------
+
+
+class EnvPutRequest(Request):
+    value: str
+
+
+class EnvOut(Response):
+    id: str
+    key: str
+    value: str
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+# --- secrets ----------------------------------------------------------------------------------------------
+
+
+class SecretCreateRequest(Request):
+    name: str = Field(max_length=64)
+    secret: SecretStr
+    env_var: str = Field(max_length=256)
+    hosts: list[str] | None = Field(default=None, max_length=100)
+    comment: str | None = None
+
+
+class SecretUpdateRequest(Request):
+    """All fields optional; only those present change. ``name`` cannot change."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_is_immutable(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "name" in data:
+            raise ValueError("name cannot be changed after creation: delete and recreate the secret instead")
+        return data
+
+    secret: SecretStr | None = None
+    env_var: str | None = Field(default=None, max_length=256)
+    hosts: list[str] | None = Field(default=None, max_length=100)
+    comment: str | None = None
+
+
+class SecretOut(Response):
+    id: str
+    name: str
+    env_var: str
+    hosts: list[str]
+    proxy_value: str
+    comment: str | None
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+# --- egress -----------------------------------------------------------------------------------------------
+
+
+class PolicyIn(Request):
+    mode: Literal["enforce", "warn"]
+
+
+class PolicyOut(Response):
+    mode: Literal["enforce", "warn"]
+
+
+class RuleCreateRequest(Request):
+    name: str | None = None
+    host: str | None = None
+    cidr: str | None = None
+    comment: str | None = None
+
+
+class RuleOut(Response):
+    id: str
+    name: str | None
+    host: str | None
+    cidr: str | None
+    comment: str | None
+    created_at: Timestamp
+
+
+class EgressEventOut(Response):
+    id: str
+    timestamp: Timestamp
+    vm_id: str | None
+    host: str | None
+    cidr: str | None
+    protocol: Literal["http", "tls", "tcp"]
+    verdict: Literal["allowed", "denied"]
+    allowed: bool
+    mode: Literal["enforce", "warn"]

@@ -1,0 +1,51 @@
+"""Where the CLI keeps its login: ``$XDG_CONFIG_HOME/corral/credentials.json`` (mode 0600)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def credentials_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "corral" / "credentials.json"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    url: str
+    api_key: str | None
+
+    def __repr__(self) -> str:
+        return f"Credentials(url={self.url!r}, api_key={'set' if self.api_key else None})"
+
+
+def save(url: str, api_key: str, path: Path | None = None) -> Path:
+    path = path or credentials_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump({"url": url, "api_key": api_key}, out)
+    os.replace(tmp, path)
+    return path
+
+
+def load(path: Path | None = None) -> Credentials:
+    """``CORRAL_URL`` / ``CORRAL_API_KEY`` win over the saved login."""
+    saved: dict[str, str] = {}
+    path = path or credentials_path()
+    if path.exists():
+        try:
+            raw = json.loads(path.read_text())
+            if isinstance(raw, dict):
+                saved = {k: v for k, v in raw.items() if isinstance(v, str)}
+        except (OSError, ValueError):
+            saved = {}
+    url = os.environ.get("CORRAL_URL") or saved.get("url") or DEFAULT_URL
+    key = os.environ.get("CORRAL_API_KEY") or saved.get("api_key")
+    return Credentials(url=url.rstrip("/"), api_key=key)

@@ -1,0 +1,56 @@
+"""Settings, read once from the environment (``CORRAL_*``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def default_data_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/corral")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "corral"
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    database_url: str
+    secret_key_file: Path
+    public_url: str | None = None  # base URL users reach the API at (device-login links); else the request's
+    rate_limit_per_minute: int = 600  # per API key
+    rate_limit_burst: int = 100
+    anon_rate_limit_per_minute: int = 60  # per client address, for the endpoints without auth
+    anon_rate_limit_burst: int = 20
+    max_body_bytes: int = 1024 * 1024
+    device_code_ttl_seconds: int = 900
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        data_dir = Path(env.get("CORRAL_DATA_DIR") or default_data_dir())
+        url = env.get("CORRAL_DATABASE_URL") or f"sqlite:///{data_dir / 'corral.db'}"
+        return cls(
+            data_dir=data_dir,
+            database_url=url,
+            secret_key_file=Path(env.get("CORRAL_SECRET_KEY_FILE") or data_dir / "secret.key"),
+            public_url=(env.get("CORRAL_PUBLIC_URL") or None),
+            rate_limit_per_minute=_int(env, "CORRAL_RATE_LIMIT_PER_MINUTE", 600),
+            rate_limit_burst=_int(env, "CORRAL_RATE_LIMIT_BURST", 100),
+            anon_rate_limit_per_minute=_int(env, "CORRAL_ANON_RATE_LIMIT_PER_MINUTE", 60),
+            anon_rate_limit_burst=_int(env, "CORRAL_ANON_RATE_LIMIT_BURST", 20),
+            max_body_bytes=_int(env, "CORRAL_MAX_BODY_BYTES", 1024 * 1024),
+            device_code_ttl_seconds=_int(env, "CORRAL_DEVICE_CODE_TTL", 900),
+        )

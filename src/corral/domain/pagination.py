@@ -1,0 +1,125 @@
+"""Cursor pagination, pure part.
+
+A cursor is opaque to clients. It carries the sort field, the order and the (sort key, id) of the last row
+of the page, so the next page is a keyset query (``(key, id) > (last_key, last_id)``): it stays correct when
+rows are inserted or deleted between pages (no row is skipped or repeated), and it does not need the last row
+to still exist.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import TypeVar
+
+from corral.domain.errors import InvalidCursor, InvalidParameter
+
+T = TypeVar("T")
+SortKey = str | int | datetime
+
+_VERSION = 1
+
+
+class Order(StrEnum):
+    ASC = "asc"
+    DESC = "desc"
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    limit: int
+    sort: str
+    order: Order
+    after: tuple[SortKey, str] | None = None  # (sort key, id) of the last row already seen
+
+
+@dataclass(frozen=True)
+class Page[T]:
+    data: list[T]
+    has_more: bool
+    cursor: str | None
+
+
+@dataclass(frozen=True)
+class ListSpec:
+    """What a list endpoint documents: its default and maximum ``limit`` and its sort fields."""
+
+    default_limit: int
+    max_limit: int
+    sorts: tuple[str, ...] = ("created_at",)
+    default_order: Order = Order.DESC
+
+
+def _encode_key(key: SortKey) -> list[str | int]:
+    if isinstance(key, datetime):
+        return ["t", key.isoformat()]
+    if isinstance(key, int):
+        return ["i", key]
+    return ["s", key]
+
+
+def _decode_key(raw: object) -> SortKey:
+    match raw:
+        case ["t", str(text)]:
+            try:
+                stamp = datetime.fromisoformat(text)
+            except ValueError:
+                raise InvalidCursor("cursor is malformed") from None
+            if stamp.tzinfo is None:
+                raise InvalidCursor("cursor is malformed")
+            return stamp
+        case ["i", int(num)] if not isinstance(num, bool):
+            return num
+        case ["s", str(text)]:
+            return text
+    raise InvalidCursor("cursor is malformed")
+
+
+def encode_cursor(sort: str, order: Order, key: SortKey, ident: str) -> str:
+    payload = json.dumps([_VERSION, sort, order.value, _encode_key(key), ident], separators=(",", ":"))
+    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, sort: str, order: Order) -> tuple[SortKey, str]:
+    if len(cursor) > 2048:
+        raise InvalidCursor("cursor is malformed")
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise InvalidCursor("cursor is malformed") from None
+    match raw:
+        case [1, str(c_sort), str(c_order), key, str(ident)]:
+            if c_sort != sort or c_order != order.value:
+                raise InvalidCursor(
+                    f"cursor was issued for sort={c_sort}&order={c_order}; "
+                    f"pass the same sort and order as the first page"
+                )
+            return _decode_key(key), ident
+    raise InvalidCursor("cursor is malformed")
+
+
+def page_request(
+    spec: ListSpec,
+    *,
+    limit: int | None,
+    cursor: str | None,
+    sort: str | None = None,
+    order: str | None = None,
+) -> PageRequest:
+    """Validate the documented query parameters of a list endpoint into a PageRequest."""
+    size = spec.default_limit if limit is None else limit
+    if not 1 <= size <= spec.max_limit:
+        raise InvalidParameter(f"limit must be between 1 and {spec.max_limit}")
+    field = sort or spec.sorts[0]
+    if field not in spec.sorts:
+        raise InvalidParameter(f"sort must be one of: {', '.join(spec.sorts)}")
+    try:
+        direction = Order(order) if order is not None else spec.default_order
+    except ValueError:
+        raise InvalidParameter("order must be one of: asc, desc") from None
+    after = decode_cursor(cursor, field, direction) if cursor is not None else None
+    return PageRequest(limit=size, sort=field, order=direction, after=after)

@@ -1,0 +1,150 @@
+"""Field rules shared by the API schemas and the services. Each returns the normalised value or raises
+``ValueError`` with a message fit for a ``validation_error`` response."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+ENV_KEY_MAX = 256
+ENV_VALUE_MAX = 32 * 1024
+SECRET_NAME_MAX = 64
+SECRET_VALUE_MAX = 64 * 1024
+COMMENT_MAX = 1024
+HOSTS_MAX = 100
+NAME_MAX = 100
+
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ENV_VAR = re.compile(r"[A-Z][A-Z0-9_]*")
+_SECRET_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_RULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+
+
+def env_key(key: str) -> str:
+    """A POSIX-shell-safe environment variable name."""
+    if not key or len(key) > ENV_KEY_MAX or not _ENV_KEY.fullmatch(key):
+        raise ValueError(
+            "key must start with a letter or underscore and contain only letters, digits and underscores "
+            f"(at most {ENV_KEY_MAX} characters)"
+        )
+    return key
+
+
+def env_value(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("value must not contain NUL characters")
+    if len(value) > ENV_VALUE_MAX:
+        raise ValueError(f"value must be at most {ENV_VALUE_MAX} characters")
+    return value
+
+
+def secret_env_var(name: str) -> str:
+    if not _ENV_VAR.fullmatch(name) or len(name) > ENV_KEY_MAX:
+        raise ValueError(
+            "env_var must be uppercase letters, digits and underscores, starting with a letter "
+            f"(at most {ENV_KEY_MAX} characters)"
+        )
+    return name
+
+
+def secret_name(name: str) -> str:
+    if not name or len(name) > SECRET_NAME_MAX or not _SECRET_NAME.fullmatch(name):
+        raise ValueError(
+            f"name must be 1 to {SECRET_NAME_MAX} characters of letters, digits, hyphens and underscores"
+        )
+    return name
+
+
+def secret_value(value: str) -> str:
+    if not value:
+        raise ValueError("secret must not be empty")
+    if len(value) > SECRET_VALUE_MAX:
+        raise ValueError(f"secret must be at most {SECRET_VALUE_MAX} characters")
+    return value
+
+
+def rule_name(name: str) -> str:
+    if len(name) > NAME_MAX or not _RULE_NAME.fullmatch(name):
+        raise ValueError(
+            f"name must be 1 to {NAME_MAX} characters of letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def comment(text: str) -> str:
+    if len(text) > COMMENT_MAX:
+        raise ValueError(f"comment must be at most {COMMENT_MAX} characters")
+    return text
+
+
+def hostname(host: str) -> str:
+    """An exact DNS hostname, lower-cased. IP literals are not hostnames (use a CIDR)."""
+    name = host.lower()
+    if len(name) > 253 or "." not in name:
+        raise ValueError(f"{host!r} is not a fully qualified hostname")
+    labels = name.split(".")
+    if not all(_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(f"{host!r} is not a valid hostname")
+    if labels[-1].isdigit():
+        raise ValueError(f"{host!r} looks like an IP address: use a cidr rule")
+    return name
+
+
+def host_pattern(pattern: str, *, allow_any: bool) -> str:
+    """An exact hostname, a single-level wildcard ``*.example.org``, or (where allowed) ``*``."""
+    if pattern == "*":
+        if allow_any:
+            return pattern
+        raise ValueError("'*' is not allowed here: use mode 'warn' or a cidr rule to allow everything")
+    if pattern.startswith("*."):
+        return "*." + hostname(pattern[2:])
+    if "*" in pattern:
+        raise ValueError(
+            f"{pattern!r}: a wildcard is only allowed as the whole first label ('*.example.org')"
+        )
+    return hostname(pattern)
+
+
+def secret_hosts(hosts: list[str]) -> list[str]:
+    if not hosts:
+        raise ValueError('hosts must not be empty (use ["*"] for any host)')
+    if len(hosts) > HOSTS_MAX:
+        raise ValueError(f"hosts must have at most {HOSTS_MAX} entries")
+    out: list[str] = []
+    for entry in hosts:
+        norm = host_pattern(entry, allow_any=True)
+        if norm not in out:
+            out.append(norm)
+    return out
+
+
+def cidr(text: str) -> str:
+    """A network in CIDR notation, with no host bits set; returned in canonical form."""
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a valid CIDR network ({exc})") from None
+    return str(net)
+
+
+def email(address: str) -> str:
+    norm = address.strip().lower()
+    if len(norm) > 254 or not _EMAIL.fullmatch(norm):
+        raise ValueError("email must be a valid email address")
+    return norm
+
+
+def person_name(text: str, field: str) -> str:
+    norm = text.strip()
+    if not norm or len(norm) > NAME_MAX:
+        raise ValueError(f"{field} must be 1 to {NAME_MAX} characters")
+    return norm
+
+
+def password(text: str) -> str:
+    if len(text) < 8 or len(text) > 1024:
+        raise ValueError("password must be 8 to 1024 characters")
+    return text

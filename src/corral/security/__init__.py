@@ -1,0 +1,1 @@
+"""Credentials: password hashing, API tokens, encryption of secrets at rest."""

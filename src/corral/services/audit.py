@@ -1,0 +1,136 @@
+"""The egress audit trail: written in batches by the egress proxy, read by ``GET /v1/audit/egress``."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, insert, select
+from sqlalchemy.orm import InstrumentedAttribute, Session
+
+from corral.domain.errors import InvalidParameter
+from corral.domain.ids import Prefix, new_id
+from corral.domain.pagination import ListSpec, Page, PageRequest, SortKey
+from corral.store.paging import paginate
+from corral.store.tables import EgressEvent
+
+LIST = ListSpec(default_limit=50, max_limit=500, sorts=("timestamp",))
+_SORTS: dict[str, tuple[ColumnElement[Any] | InstrumentedAttribute[Any], type]] = {
+    "timestamp": (EgressEvent.timestamp, datetime),
+}
+PROTOCOLS = ("http", "tls", "tcp")
+VERDICTS = ("allowed", "denied")
+MODES = ("enforce", "warn")
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    user_id: str
+    timestamp: datetime
+    vm_id: str | None
+    host: str | None
+    cidr: str | None
+    protocol: str
+    verdict: str
+    allowed: bool
+    mode: str
+
+
+def network_bounds(cidr: str) -> tuple[str, str]:
+    """First and last address of a network as 32 hex digits, IPv4 mapped into IPv6 (``::ffff:a.b.c.d``)."""
+    net = ipaddress.ip_network(cidr, strict=False)
+    lo, hi = int(net.network_address), int(net.broadcast_address)
+    if net.version == 4:
+        lo, hi = lo | 0xFFFF00000000, hi | 0xFFFF00000000
+    return f"{lo:032x}", f"{hi:032x}"
+
+
+def record(session: Session, events: Iterable[NewEvent]) -> list[str]:
+    """Insert a batch of events in one statement; returns their IDs."""
+    rows: list[dict[str, Any]] = []
+    for ev in events:
+        if ev.protocol not in PROTOCOLS or ev.verdict not in VERDICTS or ev.mode not in MODES:
+            raise ValueError(f"bad audit event: {ev}")
+        lo, hi = network_bounds(ev.cidr) if ev.cidr else (None, None)
+        rows.append(
+            {
+                "id": new_id(Prefix.EGRESS_EVENT),
+                "user_id": ev.user_id,
+                "timestamp": ev.timestamp,
+                "vm_id": ev.vm_id,
+                "host": ev.host,
+                "cidr": str(ipaddress.ip_network(ev.cidr, strict=False)) if ev.cidr else None,
+                "net_lo": lo,
+                "net_hi": hi,
+                "protocol": ev.protocol,
+                "verdict": ev.verdict,
+                "allowed": ev.allowed,
+                "mode": ev.mode,
+            }
+        )
+    if rows:
+        session.execute(insert(EgressEvent), rows)
+    return [r["id"] for r in rows]
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    vm_id: str | None = None
+    verdict: str | None = None
+    allowed: bool | None = None
+    mode: str | None = None
+    host: str | None = None
+    cidr: str | None = None
+    protocol: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def _check_choice(name: str, value: str | None, choices: tuple[str, ...]) -> None:
+    if value is not None and value not in choices:
+        raise InvalidParameter(f"{name} must be one of: {', '.join(choices)}")
+
+
+def list_events(session: Session, user_id: str, request: PageRequest, f: EventFilter) -> Page[EgressEvent]:
+    _check_choice("verdict", f.verdict, VERDICTS)
+    _check_choice("mode", f.mode, MODES)
+    _check_choice("protocol", f.protocol, PROTOCOLS)
+    stmt = select(EgressEvent).where(EgressEvent.user_id == user_id)
+    for column, value in (
+        (EgressEvent.vm_id, f.vm_id),
+        (EgressEvent.verdict, f.verdict),
+        (EgressEvent.allowed, f.allowed),
+        (EgressEvent.mode, f.mode),
+        (EgressEvent.protocol, f.protocol),
+    ):
+        if value is not None:
+            stmt = stmt.where(column == value)
+    if f.host is not None:
+        stmt = stmt.where(EgressEvent.host == f.host.lower())
+    if f.cidr is not None:
+        try:
+            lo, hi = network_bounds(f.cidr)
+        except ValueError:
+            raise InvalidParameter(f"cidr {f.cidr!r} is not a valid network") from None
+        # the event's address (or network) lies inside the filter's network
+        stmt = stmt.where(EgressEvent.net_lo >= lo, EgressEvent.net_hi <= hi)
+    if f.since is not None:
+        stmt = stmt.where(EgressEvent.timestamp > f.since)
+    if f.until is not None:
+        stmt = stmt.where(EgressEvent.timestamp < f.until)
+
+    def sort_value(row: EgressEvent, sort: str) -> SortKey:
+        return row.timestamp
+
+    return paginate(
+        session,
+        stmt,
+        request=request,
+        sort_columns=_SORTS,
+        id_column=EgressEvent.id,
+        sort_value=sort_value,
+        render=lambda r: r,
+    )

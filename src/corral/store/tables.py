@@ -1,0 +1,164 @@
+"""The schema. Every change here comes with an Alembic migration (a test compares the two)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC, hands back aware UTC, on SQLite and PostgreSQL alike."""
+
+    impl = DateTime(timezone=False)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+ID = String(40)
+OWNER = "users.id"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    first_name: Mapped[str] = mapped_column(String(100))
+    last_name: Mapped[str] = mapped_column(String(100))
+    email: Mapped[str] = mapped_column(String(254), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    email_verified: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey(OWNER, ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class DeviceCode(Base):
+    __tablename__ = "device_codes"
+
+    code: Mapped[str] = mapped_column(String(16), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))  # pending | approved | consumed
+    user_id: Mapped[str | None] = mapped_column(ID, ForeignKey(OWNER, ondelete="CASCADE"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class EnvVar(Base):
+    __tablename__ = "env_vars"
+    __table_args__ = (UniqueConstraint("user_id", "key"),)
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey(OWNER, ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(256))
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Secret(Base):
+    __tablename__ = "secrets"
+    __table_args__ = (UniqueConstraint("user_id", "name"), UniqueConstraint("user_id", "env_var"))
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey(OWNER, ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    env_var: Mapped[str] = mapped_column(String(256))
+    hosts: Mapped[str] = mapped_column(Text)  # JSON array of host patterns
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    def __repr__(self) -> str:  # never the ciphertext, let alone the value
+        return f"Secret(id={self.id!r}, name={self.name!r})"
+
+
+class EgressPolicy(Base):
+    __tablename__ = "egress_policies"
+
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey(OWNER, ondelete="CASCADE"), primary_key=True)
+    mode: Mapped[str] = mapped_column(String(16))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class EgressRule(Base):
+    __tablename__ = "egress_rules"
+    __table_args__ = (
+        UniqueConstraint("user_id", "name"),
+        Index("ix_egress_rules_user_created", "user_id", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey(OWNER, ondelete="CASCADE"))
+    name: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    host: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    cidr: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class EgressEvent(Base):
+    """One outbound connection (or intercepted HTTP request), written by the egress proxy.
+
+    ``net_lo``/``net_hi`` are the first and last address of ``cidr`` as 32 hex digits (IPv4 mapped into IPv6),
+    so "event inside the network X" is a plain string range test on SQLite and PostgreSQL alike.
+    """
+
+    __tablename__ = "egress_events"
+    __table_args__ = (Index("ix_egress_events_user_ts", "user_id", "timestamp", "id"),)
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey(OWNER, ondelete="CASCADE"))
+    timestamp: Mapped[datetime] = mapped_column(UTCDateTime)
+    vm_id: Mapped[str | None] = mapped_column(ID, nullable=True)
+    host: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    cidr: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    net_lo: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    net_hi: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    protocol: Mapped[str] = mapped_column(String(8))
+    verdict: Mapped[str] = mapped_column(String(8))
+    allowed: Mapped[bool] = mapped_column(Boolean)
+    mode: Mapped[str] = mapped_column(String(8))
