@@ -89,7 +89,7 @@ def decode_cursor(cursor: str, sort: str, order: Order) -> tuple[SortKey, str]:
         raise InvalidCursor("cursor is malformed")
     try:
         raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidCursor("cursor is malformed") from None
     match raw:
         case [1, str(c_sort), str(c_order), key, str(ident)]:

@@ -49,9 +49,10 @@ class RateLimiter:
                     self._buckets.popitem(last=False)
             else:
                 self._buckets.move_to_end(key)
-                elapsed = max(0.0, now - bucket.stamp)
-                bucket.tokens = min(float(self.limit.burst), bucket.tokens + elapsed * self.limit.rate)
-                bucket.stamp = now
+                if now > bucket.stamp:  # callers may arrive out of order: never refill the same time twice
+                    refill = (now - bucket.stamp) * self.limit.rate
+                    bucket.tokens = min(float(self.limit.burst), bucket.tokens + refill)
+                    bucket.stamp = now
             if bucket.tokens >= 1.0:
                 bucket.tokens -= 1.0
                 return 0

@@ -19,6 +19,7 @@ _ENV_VAR = re.compile(r"[A-Z][A-Z0-9_]*")
 _SECRET_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _RULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 
 
@@ -32,7 +33,17 @@ def env_key(key: str) -> str:
     return key
 
 
+def unicode_text(value: str, field: str) -> str:
+    """Text that can be stored and sent on: JSON can carry lone surrogates, which no encoder accepts."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"{field} must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
 def env_value(value: str) -> str:
+    unicode_text(value, "value")
     if "\x00" in value:
         raise ValueError("value must not contain NUL characters")
     if len(value) > ENV_VALUE_MAX:
@@ -58,6 +69,7 @@ def secret_name(name: str) -> str:
 
 
 def secret_value(value: str) -> str:
+    unicode_text(value, "secret")
     if not value:
         raise ValueError("secret must not be empty")
     if len(value) > SECRET_VALUE_MAX:
@@ -88,7 +100,7 @@ def hostname(host: str) -> str:
     labels = name.split(".")
     if not all(_LABEL.fullmatch(label) for label in labels):
         raise ValueError(f"{host!r} is not a valid hostname")
-    if labels[-1].isdigit():
+    if _NUMERIC_LABEL.fullmatch(labels[-1]):  # 127.1, 0x7f.0x1: what inet_aton reads as an address
         raise ValueError(f"{host!r} looks like an IP address: use a cidr rule")
     return name
 
@@ -123,6 +135,8 @@ def secret_hosts(hosts: list[str]) -> list[str]:
 
 def cidr(text: str) -> str:
     """A network in CIDR notation, with no host bits set; returned in canonical form."""
+    if "%" in text:
+        raise ValueError(f"{text!r}: scoped addresses (with %zone) are not networks")
     try:
         net = ipaddress.ip_network(text, strict=True)
     except ValueError as exc:

@@ -37,10 +37,16 @@ class SecretValue:
     __str__ = __repr__
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, SecretValue) and secrets.compare_digest(self._value, other._value)
+        return isinstance(other, SecretValue) and secrets.compare_digest(
+            _utf8(self._value), _utf8(other._value)
+        )
 
     def __hash__(self) -> int:
         return hash(self._value)
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
 
 
 class Cipher(Protocol):

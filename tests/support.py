@@ -1,0 +1,140 @@
+"""Test helpers: a real ``corral serve`` process, a fresh database per server, signed-up users."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from corral.store.db import normalise_url
+
+PG_URL_ENV = "CORRAL_TEST_DATABASE_URL"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def fresh_database(tmp: Path) -> Iterator[str]:
+    """A new, empty database: a SQLite file, or a new database on the PostgreSQL test server."""
+    server = os.environ.get(PG_URL_ENV)
+    if not server:
+        yield f"sqlite:///{tmp / f'corral-{secrets.token_hex(4)}.db'}"
+        return
+    name = f"corral_test_{secrets.token_hex(6)}"
+    admin = create_engine(normalise_url(server), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        yield make_url(normalise_url(server)).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    data_dir: Path
+    database_url: str
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
+
+
+@contextlib.contextmanager
+def running_server(tmp: Path, **env_overrides: str) -> Iterator[Server]:
+    """Start ``corral serve`` on a free loopback port with its own data dir and database; stop it by PID."""
+    data_dir = tmp / f"data-{secrets.token_hex(4)}"
+    with fresh_database(tmp) as db_url:
+        port = free_port()
+        env = {
+            **os.environ,
+            "CORRAL_DATA_DIR": str(data_dir),
+            "CORRAL_DATABASE_URL": db_url,
+            "CORRAL_RATE_LIMIT_PER_MINUTE": "1000000",
+            "CORRAL_RATE_LIMIT_BURST": "100000",
+            "CORRAL_ANON_RATE_LIMIT_PER_MINUTE": "1000000",
+            "CORRAL_ANON_RATE_LIMIT_BURST": "100000",
+            **env_overrides,
+        }
+        log = tmp / f"server-{port}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "corral", "serve", "--port", str(port), "--log-level", "warning"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        server = Server(f"http://127.0.0.1:{port}", proc, log, data_dir, db_url)
+        try:
+            _wait_ready(server)
+            yield server
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_ready(server: Server, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(
+                f"corral serve exited with {server.proc.returncode}:\n{server.log.read_text()}"
+            )
+        try:
+            if httpx.get(f"{server.url}/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"corral serve did not answer in {timeout} s:\n{server.log.read_text()}")
+
+
+@dataclass
+class Account:
+    client: httpx.Client
+    token: str
+    user: dict[str, object]
+    email: str
+    password: str
+
+
+def signup(server: Server, *, first_name: str = "Alice", last_name: str = "Smith") -> Account:
+    email = f"user-{secrets.token_hex(6)}@example.com"
+    password = "s3cureP@ssword"
+    with server.client() as anon:
+        resp = anon.post(
+            "/v1/users",
+            json={"first_name": first_name, "last_name": last_name, "email": email, "password": password},
+        )
+    assert resp.status_code == 201, resp.text
+    body = resp.json()
+    token = body["api_key"]["token"]
+    return Account(
+        client=server.client(token), token=token, user=body["user"], email=email, password=password
+    )
