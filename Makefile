@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test lint typecheck unit test-sqlite test-postgres lock clean
+.PHONY: install system-deps run test lint typecheck test-sqlite test-postgres lock clean
 
 install: $(STAMP)
 
@@ -16,20 +16,23 @@ $(STAMP): requirements.lock pyproject.toml scripts/python312
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
+system-deps:
+	scripts/system-deps
+
 run: install
 	$(VENV)/bin/corral serve --host $(HOST) --port $(PORT)
 
 lint: install
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
 
 typecheck: install
 	$(VENV)/bin/mypy
 
-test-sqlite: install
+test-sqlite: install system-deps
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
-test-postgres: install
+test-postgres: install system-deps
 	scripts/test-postgres $(VENV)/bin/pytest -q -p no:cacheprovider tests/integration
 
 test: lint typecheck test-sqlite test-postgres
@@ -37,7 +40,7 @@ test: lint typecheck test-sqlite test-postgres
 lock:
 	rm -rf /tmp/corral-lock-venv && "$$(scripts/python312)" -m venv /tmp/corral-lock-venv
 	/tmp/corral-lock-venv/bin/pip install --quiet -r requirements.in
-	{ echo '# Pinned with `make lock` from requirements.in (python3.12).'; /tmp/corral-lock-venv/bin/pip freeze --all --exclude pip; } > requirements.lock
+	{ echo '# Pinned with `make lock` from requirements.in (python3.12).'; /tmp/corral-lock-venv/bin/pip freeze --all --exclude pip --exclude-editable; } > requirements.lock
 	rm -rf /tmp/corral-lock-venv
 
 clean:

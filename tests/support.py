@@ -81,7 +81,7 @@ def running_server(tmp: Path, **env_overrides: str) -> Iterator[Server]:
         log = tmp / f"server-{port}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "corral", "serve", "--port", str(port), "--log-level", "warning"],
+                [sys.executable, "-m", "corral", "serve", "--port", str(port), "--log-level", "info"],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

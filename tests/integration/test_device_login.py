@@ -1,0 +1,139 @@
+"""``corral login`` end to end: the CLI asks for a code, a person approves it in a real browser (headless
+Chromium on the /activate page), the CLI receives a key, saves it 0600, and ``corral whoami`` uses it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+from tests.support import Account, Server
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.fail("chromium and chromedriver are required (make test installs them)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "corral", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _approve_in_browser(driver: webdriver.Chrome, url: str, code: str, email: str, password: str) -> str:
+    driver.get(url)
+    assert driver.find_element(By.ID, "code").get_attribute("value") == code  # prefilled from ?code=
+    driver.find_element(By.ID, "email").send_keys(email)
+    driver.find_element(By.ID, "password").send_keys(password)
+    driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    return str(driver.find_element(By.TAG_NAME, "h1").text)
+
+
+def test_cli_login_approved_in_a_browser(
+    server: Server, account: Account, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    env.pop("CORRAL_API_KEY", None)
+    proc = _cli("login", "--url", server.url, "--interval", "0.2", "--timeout", "60", env=env)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        code = proc.stdout.readline().strip()
+        prompt = proc.stderr.readline()
+        assert f"{server.url}/activate?code={code}" in prompt
+
+        # a wrong password does not approve
+        heading = _approve_in_browser(
+            browser, f"{server.url}/activate?code={code}", code, account.email, "wrong-pass"
+        )
+        assert heading == "Corral device login"
+        assert "Wrong email or password" in browser.page_source
+
+        heading = _approve_in_browser(
+            browser, f"{server.url}/activate?code={code}", code, account.email, account.password
+        )
+        assert heading == "Device approved"
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    creds = tmp_path / "config" / "corral" / "credentials.json"
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+
+    whoami = subprocess.run(
+        [sys.executable, "-m", "corral", "whoami"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert whoami.returncode == 0, whoami.stderr
+    assert account.email in whoami.stdout and str(account.user["id"]) in whoami.stdout
+
+
+def test_cli_login_reports_an_expired_code(tmp_path: Path) -> None:
+    from tests.support import running_server
+
+    with running_server(tmp_path, CORRAL_DEVICE_CODE_TTL="1") as server:
+        env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "corral",
+                "login",
+                "--url",
+                server.url,
+                "--interval",
+                "0.5",
+                "--timeout",
+                "20",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert "expired" in done.stderr
+    assert not (tmp_path / "config" / "corral" / "credentials.json").exists()
