@@ -137,3 +137,13 @@ def test_cli_login_reports_an_expired_code(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "expired" in done.stderr
     assert not (tmp_path / "config" / "corral" / "credentials.json").exists()
+
+
+def test_activate_page_cannot_be_framed_or_cached(server: Server) -> None:
+    with server.client() as anon:
+        page = anon.get("/activate", params={"code": "<script>x</script>"})
+    assert page.status_code == 200
+    assert page.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert page.headers["cache-control"] == "no-store"
+    assert "<script>x</script>" not in page.text  # the code is escaped

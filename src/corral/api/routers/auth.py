@@ -81,7 +81,7 @@ def device_approve(
 
 @router.get("/activate", response_class=HTMLResponse, include_in_schema=False)
 def activate_form(code: Annotated[str, Query(max_length=32)] = "") -> HTMLResponse:
-    return HTMLResponse(pages.activate(code=code))
+    return _html(pages.activate(code=code))
 
 
 @router.post("/activate", response_class=HTMLResponse, include_in_schema=False, dependencies=[AnonLimit])
@@ -94,9 +94,13 @@ def activate_submit(
 ) -> HTMLResponse:
     user = users.check_password(session, email, password)
     if user is None:
-        return HTMLResponse(pages.activate(code=code, error="Wrong email or password."), status_code=401)
+        return _html(pages.activate(code=code, error="Wrong email or password."), 401)
     try:
         row = device.approve(session, st.services.clock, code, user.id)
     except CorralError as exc:
-        return HTMLResponse(pages.activate(code=code, error=exc.message), status_code=exc.status)
-    return HTMLResponse(pages.approved(row.code))
+        return _html(pages.activate(code=code, error=exc.message), exc.status)
+    return _html(pages.approved(row.code))
+
+
+def _html(body: str, status: int = 200) -> HTMLResponse:
+    return HTMLResponse(body, status_code=status, headers=pages.SECURITY_HEADERS)
