@@ -73,7 +73,8 @@ def test_cli_login_approved_in_a_browser(
     env.pop("CORRAL_API_KEY", None)
     proc = _cli("login", "--url", server.url, "--interval", "0.2", "--timeout", "60", env=env)
     try:
-        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
         code = proc.stdout.readline().strip()
         prompt = proc.stderr.readline()
         assert f"{server.url}/activate?code={code}" in prompt
@@ -89,7 +90,7 @@ def test_cli_login_approved_in_a_browser(
             browser, f"{server.url}/activate?code={code}", code, account.email, account.password
         )
         assert heading == "Device approved"
-        out, err = proc.communicate(timeout=30)
+        _out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -107,7 +108,8 @@ def test_cli_login_approved_in_a_browser(
         check=False,
     )
     assert whoami.returncode == 0, whoami.stderr
-    assert account.email in whoami.stdout and str(account.user["id"]) in whoami.stdout
+    assert account.email in whoami.stdout
+    assert str(account.user["id"]) in whoami.stdout
 
 
 def test_cli_login_reports_an_expired_code(tmp_path: Path) -> None:

@@ -40,4 +40,5 @@ def test_anonymous_endpoints_are_limited_per_address(tmp_path: Path) -> None:
         assert 429 in statuses[3:]
         # a wrong key costs from the same budget: guessing keys is limited too
         bad = anon.get("/v1/env", headers={"Authorization": "Bearer corral_live_guess-0000000000000000"})
-        assert bad.status_code == 429 and "Retry-After" in bad.headers
+        assert bad.status_code == 429
+        assert "Retry-After" in bad.headers

@@ -29,7 +29,8 @@ def assert_error(resp: httpx.Response, status: int, code: str) -> None:
     assert set(body) == {"error"}
     assert set(body["error"]) == {"code", "message"}
     assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["message"]
 
 
 def assert_list(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -55,16 +56,20 @@ def test_create_user_example(server: Server) -> None:
     assert set(body) == {"api_key", "user"}
     key, user = body["api_key"], body["user"]
     assert set(key) == {"id", "name", "token", "created_at"}
-    assert is_id(key["id"], "key") and key["name"] == "CLI" and is_timestamp(key["created_at"])
+    assert is_id(key["id"], "key")
+    assert key["name"] == "CLI"
+    assert is_timestamp(key["created_at"])
     assert key["token"].startswith("corral_live_")
     assert set(user) == {"id", "first_name", "last_name", "email", "email_verified", "created_at"}
     assert is_id(user["id"], "usr")
     assert (user["first_name"], user["last_name"], user["email"]) == ("Alice", "Smith", email)
-    assert user["email_verified"] is False and is_timestamp(user["created_at"])
+    assert user["email_verified"] is False
+    assert is_timestamp(user["created_at"])
     # "The returned token can be used immediately as a Bearer token"
     with server.client(key["token"]) as authed:
         me = authed.get("/v1/users/me")
-    assert me.status_code == 200 and me.json()["id"] == user["id"]
+    assert me.status_code == 200
+    assert me.json()["id"] == user["id"]
 
 
 def test_create_user_errors(server: Server, account: Account) -> None:
@@ -99,27 +104,34 @@ def test_env_examples(account: Account) -> None:
     assert put.status_code == 200
     var = put.json()
     assert set(var) == {"id", "key", "value", "created_at", "updated_at"}
-    assert is_id(var["id"], "env") and var["key"] == "NODE_ENV" and var["value"] == "production"
-    assert is_timestamp(var["created_at"]) and is_timestamp(var["updated_at"])
+    assert is_id(var["id"], "env")
+    assert var["key"] == "NODE_ENV"
+    assert var["value"] == "production"
+    assert is_timestamp(var["created_at"])
+    assert is_timestamp(var["updated_at"])
 
     got = c.get("/v1/env/NODE_ENV")
-    assert got.status_code == 200 and got.json() == var
+    assert got.status_code == 200
+    assert got.json() == var
 
     listed = c.get("/v1/env")
     assert listed.status_code == 200
     assert assert_list(listed.json()) == [var]
-    assert listed.json()["has_more"] is False and listed.json()["cursor"] is None
+    assert listed.json()["has_more"] is False
+    assert listed.json()["cursor"] is None
 
     # PUT again replaces the value and keeps the ID
     replaced = c.put("/v1/env/NODE_ENV", json={"value": "staging"}).json()
-    assert replaced["id"] == var["id"] and replaced["value"] == "staging"
+    assert replaced["id"] == var["id"]
+    assert replaced["value"] == "staging"
     assert replaced["created_at"] == var["created_at"]
 
     assert_error(c.put("/v1/env/1BAD", json={"value": "x"}), 422, "validation_error")
     assert_error(c.put("/v1/env/GOOD", json={}), 422, "validation_error")
 
     deleted = c.delete("/v1/env/NODE_ENV")
-    assert deleted.status_code == 204 and deleted.content == b""
+    assert deleted.status_code == 204
+    assert deleted.content == b""
     assert_error(c.get("/v1/env/NODE_ENV"), 404, "env_not_found")
     assert_error(c.delete("/v1/env/NODE_ENV"), 404, "env_not_found")
 
@@ -137,15 +149,19 @@ def test_secret_examples(account: Account) -> None:
     sec = resp.json()
     assert set(sec) == SECRET_FIELDS
     assert is_id(sec["id"], "sec")
-    assert sec["name"] == "github-main" and sec["env_var"] == "GITHUB_TOKEN"
-    assert sec["hosts"] == ["*"] and sec["comment"] is None
+    assert sec["name"] == "github-main"
+    assert sec["env_var"] == "GITHUB_TOKEN"
+    assert sec["hosts"] == ["*"]
+    assert sec["comment"] is None
     assert sec["proxy_value"] == "CORRAL_PROXY_github-main"
-    assert is_timestamp(sec["created_at"]) and sec["created_at"] == sec["updated_at"]
+    assert is_timestamp(sec["created_at"])
+    assert sec["created_at"] == sec["updated_at"]
     assert value not in resp.text
 
     # Get: same shape as the create response
     got = c.get(f"/v1/secrets/{sec['id']}")
-    assert got.status_code == 200 and got.json() == sec
+    assert got.status_code == 200
+    assert got.json() == sec
 
     listed = c.get("/v1/secrets")
     assert assert_list(listed.json()) == [sec]
@@ -178,18 +194,21 @@ def test_secret_examples(account: Account) -> None:
     patched = c.patch(f"/v1/secrets/{sec['id']}", json={"secret": new_value})
     assert patched.status_code == 200
     body = patched.json()
-    assert set(body) == SECRET_FIELDS and new_value not in patched.text
+    assert set(body) == SECRET_FIELDS
+    assert new_value not in patched.text
     assert {k: v for k, v in body.items() if k != "updated_at"} == {
         k: v for k, v in sec.items() if k != "updated_at"
     }
     patched = c.patch(f"/v1/secrets/{sec['id']}", json={"hosts": ["api.github.com"], "comment": "CI token"})
-    assert patched.json()["hosts"] == ["api.github.com"] and patched.json()["comment"] == "CI token"
+    assert patched.json()["hosts"] == ["api.github.com"]
+    assert patched.json()["comment"] == "CI token"
     assert_error(c.patch(f"/v1/secrets/{sec['id']}", json={"name": "renamed"}), 422, "validation_error")
     assert_error(c.patch(f"/v1/secrets/{sec['id']}", json={"env_var": "GITHUB_SCOPED"}), 409, "env_var_taken")
     assert c.get(f"/v1/secrets/{sec['id']}").json()["name"] == "github-main"
 
     deleted = c.delete(f"/v1/secrets/{sec['id']}")
-    assert deleted.status_code == 204 and deleted.content == b""
+    assert deleted.status_code == 204
+    assert deleted.content == b""
     assert_error(c.get(f"/v1/secrets/{sec['id']}"), 404, "secret_not_found")
 
 
@@ -200,7 +219,8 @@ def test_egress_policy_examples(account: Account) -> None:
     c = account.client
     assert c.get("/v1/egress/policy").json() == {"mode": "enforce"}
     put = c.put("/v1/egress/policy", json={"mode": "warn"})
-    assert put.status_code == 200 and put.json() == {"mode": "warn"}
+    assert put.status_code == 200
+    assert put.json() == {"mode": "warn"}
     assert c.get("/v1/egress/policy").json() == {"mode": "warn"}
     put = c.put("/v1/egress/policy", json={"mode": "enforce"})
     assert put.json() == {"mode": "enforce"}
@@ -219,15 +239,20 @@ def test_egress_rule_examples(account: Account) -> None:
     )
     assert resp.status_code == 201
     github = resp.json()
-    assert set(github) == RULE_FIELDS and is_id(github["id"], "egr") and is_timestamp(github["created_at"])
-    assert github["name"] == "github-api" and github["host"] == "api.github.com" and github["cidr"] is None
+    assert set(github) == RULE_FIELDS
+    assert is_id(github["id"], "egr")
+    assert is_timestamp(github["created_at"])
+    assert github["name"] == "github-api"
+    assert github["host"] == "api.github.com"
+    assert github["cidr"] is None
     assert github["comment"] == "GitHub API access for code pulls"
 
     internal = c.post(
         "/v1/egress/rules",
         json={"name": "internal-network", "cidr": "10.0.0.0/8", "comment": "Internal network access"},
     ).json()
-    assert internal["host"] is None and internal["cidr"] == "10.0.0.0/8"
+    assert internal["host"] is None
+    assert internal["cidr"] == "10.0.0.0/8"
 
     listed = c.get("/v1/egress/rules").json()
     assert assert_list(listed) == [internal, github]  # created_at desc by default
@@ -239,7 +264,8 @@ def test_egress_rule_examples(account: Account) -> None:
     assert by_host == [github, internal]
 
     wildcard = c.post("/v1/egress/rules", json={"host": "*.example.org"})
-    assert wildcard.status_code == 201 and wildcard.json()["name"] is None
+    assert wildcard.status_code == 201
+    assert wildcard.json()["name"] is None
 
     assert_error(
         c.post("/v1/egress/rules", json={"name": "github-api", "host": "x.example.com"}),
@@ -251,7 +277,8 @@ def test_egress_rule_examples(account: Account) -> None:
         assert_error(c.post("/v1/egress/rules", json=bad), 422, "validation_error")
 
     deleted = c.delete(f"/v1/egress/rules/{github['id']}")
-    assert deleted.status_code == 204 and deleted.content == b""
+    assert deleted.status_code == 204
+    assert deleted.content == b""
     assert_error(c.delete(f"/v1/egress/rules/{github['id']}"), 404, "egress_rule_not_found")
     assert github not in c.get("/v1/egress/rules").json()["data"]
 
@@ -323,24 +350,26 @@ def test_device_code_examples(server: Server, account: Account) -> None:
         resp = anon.post("/v1/auth/device/code")
         assert resp.status_code == 200
         body = resp.json()
-        assert set(body) == {"data"} and set(body["data"]) == {"code", "verification_uri", "expires_at"}
+        assert set(body) == {"data"}
+        assert set(body["data"]) == {"code", "verification_uri", "expires_at"}
         code = body["data"]["code"]
         assert re.fullmatch(r"[A-Z]{4}-\d{4}", code)
         assert body["data"]["verification_uri"] == f"{server.url}/activate"
         assert is_timestamp(body["data"]["expires_at"])
 
         pending = anon.get("/v1/auth/device/poll", params={"code": code})
-        assert pending.status_code == 200 and pending.json() == {"data": {"status": "pending"}}
+        assert pending.status_code == 200
+        assert pending.json() == {"data": {"status": "pending"}}
 
         approved = account.client.post("/v1/auth/device/approve", json={"code": code.lower()})
-        assert approved.status_code == 200 and approved.json() == {
-            "data": {"code": code, "status": "approved"}
-        }
+        assert approved.status_code == 200
+        assert approved.json() == {"data": {"code": code, "status": "approved"}}
 
         authorized = anon.get("/v1/auth/device/poll", params={"code": code})
         assert authorized.status_code == 200
         data = authorized.json()["data"]
-        assert set(data) == {"status", "token"} and data["status"] == "authorized"
+        assert set(data) == {"status", "token"}
+        assert data["status"] == "authorized"
         with server.client(data["token"]) as device:
             assert device.get("/v1/users/me").json()["id"] == account.user["id"]
 
@@ -366,4 +395,5 @@ def test_device_code_examples(server: Server, account: Account) -> None:
 def test_probes_need_no_auth(server: Server, path: str) -> None:
     with server.client() as anon:
         resp = anon.get(path)
-    assert resp.status_code == 200 and resp.json()["status"] in {"ok", "ready"}
+    assert resp.status_code == 200
+    assert resp.json()["status"] in {"ok", "ready"}
