@@ -15,6 +15,8 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.support import Account, Server
 
@@ -58,12 +60,15 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
 
 
 def _approve_in_browser(driver: webdriver.Chrome, url: str, code: str, email: str, password: str) -> str:
+    """Fill in and submit the form; returns the text of the page that answers (waiting for it to load)."""
     driver.get(url)
     assert driver.find_element(By.ID, "code").get_attribute("value") == code  # prefilled from ?code=
     driver.find_element(By.ID, "email").send_keys(email)
     driver.find_element(By.ID, "password").send_keys(password)
+    form = driver.find_element(By.TAG_NAME, "form")
     driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    return str(driver.find_element(By.TAG_NAME, "h1").text)
+    WebDriverWait(driver, 20).until(expected_conditions.staleness_of(form))
+    return str(driver.find_element(By.TAG_NAME, "body").text)
 
 
 def test_cli_login_approved_in_a_browser(
@@ -80,16 +85,17 @@ def test_cli_login_approved_in_a_browser(
         assert f"{server.url}/activate?code={code}" in prompt
 
         # a wrong password does not approve
-        heading = _approve_in_browser(
+        page = _approve_in_browser(
             browser, f"{server.url}/activate?code={code}", code, account.email, "wrong-pass"
         )
-        assert heading == "Corral device login"
-        assert "Wrong email or password" in browser.page_source
+        assert page.startswith("Corral device login")
+        assert "Wrong email or password" in page
 
-        heading = _approve_in_browser(
+        page = _approve_in_browser(
             browser, f"{server.url}/activate?code={code}", code, account.email, account.password
         )
-        assert heading == "Device approved"
+        assert page.startswith("Device approved")
+        assert code in page
         _out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
