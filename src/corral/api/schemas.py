@@ -47,7 +47,7 @@ class Request(BaseModel):
 
 
 class Response(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", from_attributes=True)
 
 
 # --- errors ---------------------------------------------------------------------------------------------

@@ -8,30 +8,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from corral.api.deps import PrincipalDep, SessionDep
-from corral.api.routers.common import AUTHED, Cursor, Limit, SortOrder, errors
+from corral.api.routers.common import AUTHED, Cursor, Limit, SortOrder, envelope, errors
 from corral.api.schemas import EgressEventOut, ListEnvelope
 from corral.domain.errors import InvalidParameter
 from corral.domain.pagination import page_request
 from corral.services import audit
-from corral.store.tables import EgressEvent
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
-
-
-def event_out(row: EgressEvent) -> EgressEventOut:
-    return EgressEventOut.model_validate(
-        {
-            "id": row.id,
-            "timestamp": row.timestamp,
-            "vm_id": row.vm_id,
-            "host": row.host,
-            "cidr": row.cidr,
-            "protocol": row.protocol,
-            "verdict": row.verdict,
-            "allowed": row.allowed,
-            "mode": row.mode,
-        }
-    )
 
 
 def _timestamp(name: str, raw: str | None) -> datetime | None:
@@ -82,4 +65,4 @@ def list_egress_events(
         until=_timestamp("until", until),
     )
     page = audit.list_events(session, who.user_id, req, flt)
-    return ListEnvelope(data=[event_out(r) for r in page.data], has_more=page.has_more, cursor=page.cursor)
+    return envelope(page, EgressEventOut)

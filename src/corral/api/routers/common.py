@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Query
+from pydantic import BaseModel
 
-from corral.api.schemas import ErrorEnvelope
+from corral.api.schemas import ErrorEnvelope, ListEnvelope
+from corral.domain.pagination import Page
 
 _DESCRIPTIONS = {
     400: "Bad request: malformed JSON, a bad query parameter or cursor, or a body over the size limit",
@@ -35,3 +37,10 @@ AUTHED = (400, 401, 422, 429)
 Cursor = Annotated[str | None, Query(description="Pagination cursor from the previous response")]
 Limit = Annotated[int | None, Query(description="Results per page")]
 SortOrder = Annotated[str | None, Query(description="Sort order: asc, desc")]
+
+
+def envelope[M: BaseModel](page: Page[Any], model: type[M]) -> ListEnvelope[M]:
+    """A page of rows (or views) as the list envelope of ``model``."""
+    return ListEnvelope[M](
+        data=[model.model_validate(row) for row in page.data], has_more=page.has_more, cursor=page.cursor
+    )

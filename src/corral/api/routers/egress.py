@@ -7,20 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response
 
 from corral.api.deps import PrincipalDep, SessionDep, StateDep
-from corral.api.routers.common import AUTHED, Cursor, Limit, SortOrder, errors
+from corral.api.routers.common import AUTHED, Cursor, Limit, SortOrder, envelope, errors
 from corral.api.schemas import ListEnvelope, PolicyIn, PolicyOut, RuleCreateRequest, RuleOut
 from corral.domain.pagination import page_request
 from corral.services import egress
-from corral.store.tables import EgressRule
 
 router = APIRouter(prefix="/v1/egress", tags=["egress"])
 RuleId = Annotated[str, Path(description="The rule ID (egr_...)", max_length=64)]
-
-
-def rule_out(row: EgressRule) -> RuleOut:
-    return RuleOut(
-        id=row.id, name=row.name, host=row.host, cidr=row.cidr, comment=row.comment, created_at=row.created_at
-    )
 
 
 @router.get(
@@ -64,7 +57,7 @@ def list_rules(
 ) -> ListEnvelope[RuleOut]:
     req = page_request(egress.LIST_RULES, limit=limit, cursor=cursor, sort=sort, order=order)
     page = egress.list_rules(session, who.user_id, req, host=host, cidr=cidr, name=name)
-    return ListEnvelope(data=[rule_out(r) for r in page.data], has_more=page.has_more, cursor=page.cursor)
+    return envelope(page, RuleOut)
 
 
 @router.post(
@@ -78,14 +71,14 @@ def list_rules(
 )
 def create_rule(body: RuleCreateRequest, who: PrincipalDep, session: SessionDep, st: StateDep) -> RuleOut:
     rule = egress.NewRule(name=body.name, host=body.host, cidr=body.cidr, comment=body.comment)
-    return rule_out(egress.create_rule(session, st.services.clock, who.user_id, rule))
+    return RuleOut.model_validate(egress.create_rule(session, st.services.clock, who.user_id, rule))
 
 
 @router.get(
     "/rules/{rule_id}", response_model=RuleOut, summary="Get an egress rule", responses=errors(*AUTHED, 404)
 )
 def get_rule(rule_id: RuleId, who: PrincipalDep, session: SessionDep) -> RuleOut:
-    return rule_out(egress.get_rule(session, who.user_id, rule_id))
+    return RuleOut.model_validate(egress.get_rule(session, who.user_id, rule_id))
 
 
 @router.delete(

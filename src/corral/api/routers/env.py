@@ -7,21 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response
 
 from corral.api.deps import PrincipalDep, SessionDep, StateDep
-from corral.api.routers.common import AUTHED, Cursor, Limit, errors
+from corral.api.routers.common import AUTHED, Cursor, Limit, envelope, errors
 from corral.api.schemas import EnvOut, EnvPutRequest, ListEnvelope
 from corral.domain.errors import ValidationFailed
 from corral.domain.pagination import page_request
 from corral.services import env
-from corral.store.tables import EnvVar
 
 router = APIRouter(prefix="/v1/env", tags=["environment variables"])
 Key = Annotated[str, Path(description="Variable name", max_length=512)]
-
-
-def env_out(row: EnvVar) -> EnvOut:
-    return EnvOut(
-        id=row.id, key=row.key, value=row.value, created_at=row.created_at, updated_at=row.updated_at
-    )
 
 
 @router.get(
@@ -35,14 +28,14 @@ def list_env(
     who: PrincipalDep, session: SessionDep, cursor: Cursor = None, limit: Limit = None
 ) -> ListEnvelope[EnvOut]:
     page = env.list_env(session, who.user_id, page_request(env.LIST, limit=limit, cursor=cursor))
-    return ListEnvelope(data=[env_out(r) for r in page.data], has_more=page.has_more, cursor=page.cursor)
+    return envelope(page, EnvOut)
 
 
 @router.get(
     "/{key}", response_model=EnvOut, summary="Get an environment variable", responses=errors(*AUTHED, 404)
 )
 def get_env(key: Key, who: PrincipalDep, session: SessionDep) -> EnvOut:
-    return env_out(env.get_env(session, who.user_id, key))
+    return EnvOut.model_validate(env.get_env(session, who.user_id, key))
 
 
 @router.put(
@@ -58,7 +51,7 @@ def put_env(key: Key, body: EnvPutRequest, who: PrincipalDep, session: SessionDe
         row = env.put_env(session, st.services.clock, who.user_id, key, body.value)
     except ValueError as exc:
         raise ValidationFailed(str(exc)) from None
-    return env_out(row)
+    return EnvOut.model_validate(row)
 
 
 @router.delete(

@@ -7,28 +7,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Response
 
 from corral.api.deps import PrincipalDep, SessionDep, StateDep
-from corral.api.routers.common import AUTHED, Cursor, Limit, SortOrder, errors
+from corral.api.routers.common import AUTHED, Cursor, Limit, SortOrder, envelope, errors
 from corral.api.schemas import ListEnvelope, SecretCreateRequest, SecretOut, SecretUpdateRequest
 from corral.domain.pagination import page_request
 from corral.security.secretbox import SecretValue
 from corral.services import secrets
-from corral.services.secrets import SecretView
 
 router = APIRouter(prefix="/v1/secrets", tags=["secrets"])
 SecretId = Annotated[str, Path(description="The secret ID (sec_...)", max_length=64)]
-
-
-def secret_out(v: SecretView) -> SecretOut:
-    return SecretOut(
-        id=v.id,
-        name=v.name,
-        env_var=v.env_var,
-        hosts=v.hosts,
-        proxy_value=v.proxy_value,
-        comment=v.comment,
-        created_at=v.created_at,
-        updated_at=v.updated_at,
-    )
 
 
 @router.post(
@@ -53,7 +39,7 @@ def create_secret(
         hosts=body.hosts,
         comment=body.comment,
     )
-    return secret_out(view)
+    return SecretOut.model_validate(view)
 
 
 @router.get(
@@ -75,12 +61,12 @@ def list_secrets(
 ) -> ListEnvelope[SecretOut]:
     req = page_request(secrets.LIST, limit=limit, cursor=cursor, sort=sort, order=order)
     page = secrets.list_secrets(session, who.user_id, req, name=name)
-    return ListEnvelope(data=[secret_out(v) for v in page.data], has_more=page.has_more, cursor=page.cursor)
+    return envelope(page, SecretOut)
 
 
 @router.get("/{secret_id}", response_model=SecretOut, summary="Get a secret", responses=errors(*AUTHED, 404))
 def get_secret(secret_id: SecretId, who: PrincipalDep, session: SessionDep) -> SecretOut:
-    return secret_out(secrets.get_secret(session, who.user_id, secret_id))
+    return SecretOut.model_validate(secrets.get_secret(session, who.user_id, secret_id))
 
 
 @router.patch(
@@ -101,7 +87,7 @@ def update_secret(
             SecretValue(value.get_secret_value()) if field == "secret" and value is not None else value
         )
     view = secrets.update_secret(session, st.services, who.user_id, secret_id, **changes)
-    return secret_out(view)
+    return SecretOut.model_validate(view)
 
 
 @router.delete(

@@ -9,20 +9,8 @@ from corral.api.routers.common import AUTHED, errors
 from corral.api.schemas import ApiKeyOut, SignupRequest, SignupResponse, UserOut
 from corral.domain.errors import ValidationFailed
 from corral.services import users
-from corral.store.tables import User
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
-
-
-def user_out(user: User) -> UserOut:
-    return UserOut(
-        id=user.id,
-        first_name=user.first_name,
-        last_name=user.last_name,
-        email=user.email,
-        email_verified=user.email_verified,
-        created_at=user.created_at,
-    )
 
 
 @router.post(
@@ -49,10 +37,10 @@ def create_user(body: SignupRequest, session: SessionDep, st: StateDep) -> Signu
     key = issued.key
     return SignupResponse(
         api_key=ApiKeyOut(id=key.id, name=key.name, token=issued.token, created_at=key.created_at),
-        user=user_out(user),
+        user=UserOut.model_validate(user),
     )
 
 
 @router.get("/me", response_model=UserOut, summary="The authenticated user", responses=errors(*AUTHED))
 def me(who: PrincipalDep, session: SessionDep) -> UserOut:
-    return user_out(users.get_user(session, who.user_id))
+    return UserOut.model_validate(users.get_user(session, who.user_id))
