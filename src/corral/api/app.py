@@ -7,9 +7,9 @@ import logging
 from fastapi import FastAPI
 
 from corral import __version__
-from corral.api import errors
+from corral.api import errors, openapi
 from corral.api.deps import AppState
-from corral.api.limits import BodyLimit
+from corral.api.limits import RequestGuard
 from corral.api.routers import audit, auth, egress, env, health, secrets, users
 from corral.config import Settings
 from corral.domain.clock import Clock, SystemClock
@@ -59,5 +59,6 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     errors.install(app)
     for module in (health, users, auth, env, secrets, egress, audit):
         app.include_router(module.router)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
+    app.openapi = lambda: openapi.build(app)  # type: ignore[method-assign]
     return app

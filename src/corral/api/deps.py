@@ -42,7 +42,7 @@ def db(st: StateDep) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(db)]
+SessionDep = Annotated[Session, Depends(db, scope="function")]  # commit before the response is sent
 
 
 def _limit(st: AppState, limiter: RateLimiter, key: str) -> None:

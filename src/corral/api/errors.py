@@ -69,6 +69,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and isinstance(
+            exc.__cause__, (UnicodeDecodeError, RecursionError, ValueError)
+        ):
+            # FastAPI's body parser: bytes that are not UTF-8, or JSON nested too deep to parse
+            return error_response(400, "invalid_json", "Request body is not valid JSON")
         code = _HTTP_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         if exc.status_code == 404 and message == "Not Found":

@@ -1,4 +1,9 @@
-"""Request-size limit as ASGI middleware: a body over the limit is refused before any handler sees it."""
+"""Checks on the raw request, as ASGI middleware, before any handler or body parser sees it:
+
+- a body over the size limit answers 400 ``request_too_large``, whether it announces its length or is sent
+  chunked (a chunked body is read up to the limit first, then handed on);
+- a NUL character in the path or the query string answers 400 ``invalid_parameter`` (no database stores it).
+"""
 
 from __future__ import annotations
 
@@ -7,23 +12,24 @@ import json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-class _TooLarge(Exception):
-    pass
+async def _send_error(send: Send, code: str, message: str) -> None:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
-def _refusal(limit: int) -> tuple[Message, Message]:
-    body = json.dumps(
-        {"error": {"code": "request_too_large", "message": f"Request body is larger than {limit} bytes"}}
-    ).encode()
-    start: Message = {
-        "type": "http.response.start",
-        "status": 400,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-    }
-    return start, {"type": "http.response.body", "body": body}
+def _has_nul(scope: Scope) -> bool:
+    query = bytes(scope.get("query_string", b"")).lower()
+    return "\x00" in scope.get("path", "") or b"%00" in query or b"\x00" in query
 
 
-class BodyLimit:
+class RequestGuard:
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
@@ -32,40 +38,47 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if _has_nul(scope):
+            await _send_error(send, "invalid_parameter", "The path and query must not contain NUL characters")
+            return
+        length = None
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
-                    too_big = int(value) > self.max_bytes
+                    length = int(value)
                 except ValueError:
-                    too_big = False
-                if too_big:
-                    await self._refuse(send)
-                    return
-        seen = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal seen
+                    length = None
+        if length is not None:
+            if length > self.max_bytes:
+                await self._too_large(send)
+                return
+            await self.app(scope, receive, send)
+            return
+        # No Content-Length: read the (chunked) body up to the limit before anyone acts on the request.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._too_large(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        buffered: Message | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+        async def replay() -> Message:
+            nonlocal buffered
+            if buffered is not None:
+                message, buffered = buffered, None
+                return message
+            return await receive()
 
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send)
+        await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
-        start, body = _refusal(self.max_bytes)
-        await send(start)
-        await send(body)
+    async def _too_large(self, send: Send) -> None:
+        await _send_error(send, "request_too_large", f"Request body is larger than {self.max_bytes} bytes")

@@ -21,19 +21,21 @@ Timestamp = Annotated[
 ]
 
 
-def _no_lone_surrogates(value: Any) -> None:
+def _storable_text(value: Any) -> None:
     if isinstance(value, str):
         try:
             value.encode()
         except UnicodeEncodeError:
             raise ValueError("strings must be valid Unicode text (no lone surrogates)") from None
+        if "\x00" in value:
+            raise ValueError("strings must not contain NUL characters")
     elif isinstance(value, dict):
         for key, item in value.items():
-            _no_lone_surrogates(key)
-            _no_lone_surrogates(item)
+            _storable_text(key)
+            _storable_text(item)
     elif isinstance(value, list):
         for item in value:
-            _no_lone_surrogates(item)
+            _storable_text(item)
 
 
 class Request(BaseModel):
@@ -42,7 +44,7 @@ class Request(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _text_is_unicode(cls, data: Any) -> Any:
-        _no_lone_surrogates(data)
+        _storable_text(data)
         return data
 
 
@@ -155,9 +157,9 @@ class EnvOut(Response):
 
 
 class SecretCreateRequest(Request):
-    name: str = Field(max_length=64)
-    secret: SecretStr
-    env_var: str = Field(max_length=256)
+    name: str = Field(max_length=64, json_schema_extra={"pattern": "^[A-Za-z0-9_-]{1,64}$"})
+    secret: SecretStr = Field(description="Write-only: encrypted at rest, never returned")
+    env_var: str = Field(max_length=256, json_schema_extra={"pattern": "^[A-Z][A-Z0-9_]*$"})
     hosts: list[str] | None = Field(default=None, max_length=100)
     comment: str | None = None
 
@@ -173,7 +175,9 @@ class SecretUpdateRequest(Request):
         return data
 
     secret: SecretStr | None = None
-    env_var: str | None = Field(default=None, max_length=256)
+    env_var: str | None = Field(
+        default=None, max_length=256, json_schema_extra={"pattern": "^[A-Z][A-Z0-9_]*$"}
+    )
     hosts: list[str] | None = Field(default=None, max_length=100)
     comment: str | None = None
 

@@ -12,7 +12,7 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TypeVar
 
@@ -67,11 +67,11 @@ def _decode_key(raw: object) -> SortKey:
         case ["t", str(text)]:
             try:
                 stamp = datetime.fromisoformat(text)
-            except ValueError:
+                if stamp.tzinfo is None:
+                    raise InvalidCursor("cursor is malformed")
+                return stamp.astimezone(UTC)
+            except (ValueError, OverflowError):
                 raise InvalidCursor("cursor is malformed") from None
-            if stamp.tzinfo is None:
-                raise InvalidCursor("cursor is malformed")
-            return stamp
         case ["i", int(num)] if not isinstance(num, bool):
             return num
         case ["s", str(text)]:
@@ -92,7 +92,9 @@ def decode_cursor(cursor: str, sort: str, order: Order) -> tuple[SortKey, str]:
     except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidCursor("cursor is malformed") from None
     match raw:
-        case [1, str(c_sort), str(c_order), key, str(ident)]:
+        case [int(version), str(c_sort), str(c_order), key, str(ident)] if (
+            version == _VERSION and not isinstance(version, bool)
+        ):
             if c_sort != sort or c_order != order.value:
                 raise InvalidCursor(
                     f"cursor was issued for sort={c_sort}&order={c_order}; "
@@ -114,7 +116,7 @@ def page_request(
     size = spec.default_limit if limit is None else limit
     if not 1 <= size <= spec.max_limit:
         raise InvalidParameter(f"limit must be between 1 and {spec.max_limit}")
-    field = sort or spec.sorts[0]
+    field = spec.sorts[0] if sort is None else sort
     if field not in spec.sorts:
         raise InvalidParameter(f"sort must be one of: {', '.join(spec.sorts)}")
     try:

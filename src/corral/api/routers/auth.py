@@ -33,7 +33,7 @@ def _base_url(request: Request, st: StateDep) -> str:
     summary="Request a device code",
     description="Start a login from a device without a browser: show `code` to the user, send them to "
     "`verification_uri`, and poll `GET /v1/auth/device/poll` until it says `authorized`. No authentication.",
-    responses=errors(429),
+    responses=errors(400, 429),
     dependencies=[AnonLimit],
 )
 def device_code(request: Request, session: SessionDep, st: StateDep) -> DataEnvelope[DeviceCodeOut]:
@@ -70,7 +70,7 @@ def device_poll(
     summary="Approve a device code",
     description="The signed-in user approves the code their device shows; the device's next poll receives "
     "a new API key for this user.",
-    responses=errors(*AUTHED, 404, 409),
+    responses=errors(*AUTHED, 404, 409, 422),
 )
 def device_approve(
     body: DeviceApproveRequest, who: PrincipalDep, session: SessionDep, st: StateDep

@@ -32,7 +32,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
-AUTHED = (400, 401, 422, 429)
+AUTHED = (400, 401, 429)  # every authenticated endpoint; those with a body add 422
 
 Cursor = Annotated[str | None, Query(description="Pagination cursor from the previous response")]
 Limit = Annotated[int | None, Query(description="Results per page")]

@@ -29,7 +29,10 @@ def get_policy(who: PrincipalDep, session: SessionDep) -> PolicyOut:
 
 
 @router.put(
-    "/policy", response_model=PolicyOut, summary="Update the default egress policy", responses=errors(*AUTHED)
+    "/policy",
+    response_model=PolicyOut,
+    summary="Update the default egress policy",
+    responses=errors(*AUTHED, 422),
 )
 def put_policy(body: PolicyIn, who: PrincipalDep, session: SessionDep, st: StateDep) -> PolicyOut:
     mode = egress.set_mode(session, st.services.clock, who.user_id, egress.Mode(body.mode))
@@ -67,7 +70,7 @@ def list_rules(
     summary="Create a default egress rule",
     description="Provide `host` (exact, or a single-level wildcard like `*.example.org`) or `cidr`, not "
     "both. `name`, if given, is unique in the account.",
-    responses=errors(*AUTHED, 409),
+    responses=errors(*AUTHED, 409, 422),
 )
 def create_rule(body: RuleCreateRequest, who: PrincipalDep, session: SessionDep, st: StateDep) -> RuleOut:
     rule = egress.NewRule(name=body.name, host=body.host, cidr=body.cidr, comment=body.comment)

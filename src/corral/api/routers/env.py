@@ -44,7 +44,7 @@ def get_env(key: Key, who: PrincipalDep, session: SessionDep) -> EnvOut:
     summary="Set an environment variable",
     description="Creates the variable, or replaces its value. Keys: letters, digits and underscores, not "
     "starting with a digit, at most 256 characters. Values: at most 32 KiB, no NUL.",
-    responses=errors(*AUTHED),
+    responses=errors(*AUTHED, 422),
 )
 def put_env(key: Key, body: EnvPutRequest, who: PrincipalDep, session: SessionDep, st: StateDep) -> EnvOut:
     try:

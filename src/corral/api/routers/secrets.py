@@ -24,7 +24,7 @@ SecretId = Annotated[str, Path(description="The secret ID (sec_...)", max_length
     summary="Create a secret",
     description="The value is encrypted at rest and never returned. Inside sandboxes, `env_var` holds "
     "`proxy_value`; the egress proxy swaps it for the value in outbound HTTPS headers to `hosts`.",
-    responses=errors(*AUTHED, 409),
+    responses=errors(*AUTHED, 409, 422),
 )
 def create_secret(
     body: SecretCreateRequest, who: PrincipalDep, session: SessionDep, st: StateDep
@@ -75,7 +75,7 @@ def get_secret(secret_id: SecretId, who: PrincipalDep, session: SessionDep) -> S
     summary="Update a secret",
     description="Only the fields given change; `hosts` replaces the list. `name` cannot change: delete and "
     "recreate instead. `comment: null` clears the comment.",
-    responses=errors(*AUTHED, 404, 409),
+    responses=errors(*AUTHED, 404, 409, 422),
 )
 def update_secret(
     secret_id: SecretId, body: SecretUpdateRequest, who: PrincipalDep, session: SessionDep, st: StateDep
