@@ -7,7 +7,7 @@ import logging
 from fastapi import FastAPI
 
 from corral import __version__
-from corral.api import errors, openapi
+from corral.api import docs, errors, openapi
 from corral.api.deps import AppState
 from corral.api.limits import RequestGuard
 from corral.api.routers import audit, auth, egress, env, health, secrets, users
@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         version=__version__,
         description=DESCRIPTION,
         openapi_url="/openapi.json",
-        docs_url="/docs",
+        docs_url=None,
         redoc_url=None,
     )
     app.state.corral = AppState(
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         ),
     )
     errors.install(app)
+    docs.install(app)
     for module in (health, users, auth, env, secrets, egress, audit):
         app.include_router(module.router)
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
