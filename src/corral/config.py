@@ -30,6 +30,13 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
     return value
 
 
+def prepare_data_dir(path: Path) -> None:
+    """Create the data directory private to the server (0700): it holds the database and the secret key."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077 and path.stat().st_uid == os.geteuid():
+        path.chmod(0o700)
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path

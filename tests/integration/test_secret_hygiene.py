@@ -43,3 +43,4 @@ def test_secret_value_is_only_ever_stored_encrypted(server: Server, account: Acc
 
     key_file = server.data_dir / "secret.key"
     assert key_file.stat().st_mode & 0o777 == 0o600
+    assert server.data_dir.stat().st_mode & 0o777 == 0o700

@@ -11,7 +11,7 @@ from corral.api import docs, errors, openapi
 from corral.api.deps import AppState
 from corral.api.limits import RequestGuard
 from corral.api.routers import audit, auth, egress, env, health, secrets, users
-from corral.config import Settings
+from corral.config import Settings, prepare_data_dir
 from corral.domain.clock import Clock, SystemClock
 from corral.domain.ratelimit import Limit, RateLimiter
 from corral.security.secretbox import AesGcmCipher, load_or_create_key
@@ -33,6 +33,7 @@ Errors return `{"error": {"code", "message"}}`. Timestamps are ISO 8601 UTC.
 def create_app(settings: Settings | None = None, *, clock: Clock | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     clock = clock or SystemClock()
+    prepare_data_dir(settings.data_dir)
     engine = make_engine(settings.database_url)
     migrate(engine)
     cipher = AesGcmCipher(load_or_create_key(settings.secret_key_file))
