@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import delete
+from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
 from corral.domain.clock import Clock
@@ -85,13 +85,20 @@ def _expired(row: DeviceCode, now: datetime) -> bool:
 def poll(session: Session, clock: Clock, code: str) -> PollResult:
     """A code that is unknown, already used or past its time answers ``expired``: request a new one."""
     code = normalise_code(code)
-    row = session.get(DeviceCode, code, with_for_update=True)
-    if row is None or row.status == "consumed" or _expired(row, clock.now()):
-        return PollResult(PollStatus.EXPIRED)
-    if row.status == "approved" and row.user_id is not None:
-        issued = issue_key(session, clock, row.user_id, name="CLI (device login)")
-        row.status = "consumed"
+    now = clock.now()
+    # Consume an approved code in one conditional UPDATE: of concurrent polls, exactly one wins the token.
+    consumed = session.execute(
+        update(DeviceCode)
+        .where(DeviceCode.code == code, DeviceCode.status == "approved", DeviceCode.expires_at > now)
+        .values(status="consumed")
+        .returning(DeviceCode.user_id)
+    ).scalar_one_or_none()
+    if consumed is not None:
+        issued = issue_key(session, clock, consumed, name="CLI (device login)")
         return PollResult(PollStatus.AUTHORIZED, issued.token)
+    row = session.get(DeviceCode, code)
+    if row is None or row.status != "pending" or _expired(row, now):
+        return PollResult(PollStatus.EXPIRED)
     return PollResult(PollStatus.PENDING)
 
 

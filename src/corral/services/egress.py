@@ -42,19 +42,16 @@ def get_mode(session: Session, user_id: str) -> Mode:
 def set_mode(session: Session, clock: Clock, user_id: str, mode: Mode) -> Mode:
     row = session.get(EgressPolicy, user_id)
     if row is None:
-        session.add(EgressPolicy(user_id=user_id, mode=mode.value, updated_at=clock.now()))
-    else:
-        row.mode = mode.value
-        row.updated_at = clock.now()
-    try:
-        with session.begin_nested():
-            session.flush()
-    except IntegrityError:  # a concurrent first PUT: ours is the later write
-        row = session.get(EgressPolicy, user_id)
-        assert row is not None
-        row.mode = mode.value
-        row.updated_at = clock.now()
-        session.flush()
+        try:
+            with session.begin_nested():
+                session.add(EgressPolicy(user_id=user_id, mode=mode.value, updated_at=clock.now()))
+            return mode
+        except IntegrityError:  # a concurrent first PUT made the row: ours is the later write
+            row = session.get(EgressPolicy, user_id)
+            assert row is not None
+    row.mode = mode.value
+    row.updated_at = clock.now()
+    session.flush()
     return mode
 
 

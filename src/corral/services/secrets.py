@@ -92,13 +92,20 @@ def _check_unique(session: Session, user_id: str, *, name: str | None, env_var: 
         raise _env_var_taken(env_var)
 
 
-def _flush(session: Session, row: Secret) -> None:
+def _save(session: Session, row: Secret, changes: dict[str, Any]) -> None:
+    """Apply ``changes`` to ``row`` (added first if new) in a savepoint. Losing a race with a concurrent
+    request on a unique field answers 409, like the checks before it."""
+    ident, user_id, name, env_var = row.id, row.user_id, row.name, changes.get("env_var", row.env_var)
     try:
         with session.begin_nested():
+            if row not in session:
+                session.add(row)
+            for field, value in changes.items():
+                setattr(row, field, value)
             session.flush()
     except IntegrityError:
-        # lost a race with a concurrent request: say which field clashed
-        _check_unique(session, row.user_id, name=row.name, env_var=row.env_var, own=row.id)
+        with session.no_autoflush:
+            _check_unique(session, user_id, name=name, env_var=env_var, own=ident)
         raise Conflict("The secret clashes with another one", code="secret_name_taken") from None
 
 
@@ -132,9 +139,7 @@ def create_secret(
         created_at=now,
         updated_at=now,
     )
-    row.ciphertext = services.cipher.encrypt(secret, _context(row))
-    session.add(row)
-    _flush(session, row)
+    _save(session, row, {"ciphertext": services.cipher.encrypt(secret, _context(row))})
     return view(row)
 
 
@@ -188,22 +193,22 @@ def update_secret(
     for field, value in (("secret", secret), ("env_var", env_var), ("hosts", hosts)):
         if value is None:
             raise ValidationFailed(f"{field} cannot be null")
+    changes: dict[str, Any] = {}
     if env_var is not _UNSET:
         assert env_var is not None
-        env_var = _validated(validation.secret_env_var, env_var)
-        _check_unique(session, user_id, name=None, env_var=env_var, own=row.id)
-        row.env_var = env_var
+        changes["env_var"] = _validated(validation.secret_env_var, env_var)
+        _check_unique(session, user_id, name=None, env_var=changes["env_var"], own=row.id)
     if hosts is not _UNSET:
         assert hosts is not None
-        row.hosts = json.dumps(_validated(validation.secret_hosts, hosts))
+        changes["hosts"] = json.dumps(_validated(validation.secret_hosts, hosts))
     if comment is not _UNSET:
-        row.comment = None if comment is None else _validated(validation.comment, comment)
+        changes["comment"] = None if comment is None else _validated(validation.comment, comment)
     if secret is not _UNSET:
         assert secret is not None
         _validated(validation.secret_value, secret.reveal())
-        row.ciphertext = services.cipher.encrypt(secret, _context(row))
-    row.updated_at = services.clock.now()
-    _flush(session, row)
+        changes["ciphertext"] = services.cipher.encrypt(secret, _context(row))
+    changes["updated_at"] = services.clock.now()
+    _save(session, row, changes)
     return view(row)
 
 
