@@ -54,3 +54,17 @@ def test_env_page_exactly_once(account: Account, limit: int) -> None:
         account.client.put(f"/v1/env/VAR_{n}", json={"value": str(n)})
     ids = _page_all(account, "/v1/env", {"limit": limit})
     assert len(ids) == len(set(ids)) == ROWS
+
+
+def test_the_returned_cursor_alone_continues_the_listing(account: Account) -> None:
+    for name in ("cherry", "apple", "banana"):
+        body = {"name": f"{name}-cursor", "secret": "x", "env_var": f"{name.upper()}_CURSOR"}
+        assert account.client.post("/v1/secrets", json=body).status_code == 201
+    first = account.client.get("/v1/secrets", params={"sort": "name", "order": "asc", "limit": 1}).json()
+    second = account.client.get("/v1/secrets", params={"cursor": first["cursor"], "limit": 1}).json()
+    third = account.client.get("/v1/secrets", params={"cursor": second["cursor"], "limit": 1}).json()
+    names = [page["data"][0]["name"] for page in (first, second, third)]
+    assert names == ["apple-cursor", "banana-cursor", "cherry-cursor"]
+    clash = account.client.get("/v1/secrets", params={"cursor": first["cursor"], "sort": "created_at"})
+    assert clash.status_code == 400
+    assert clash.json()["error"]["code"] == "invalid_cursor"

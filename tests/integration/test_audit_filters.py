@@ -13,7 +13,7 @@ from tests.support import Account, Server
 T0 = datetime(2026, 2, 28, 12, 0, 0, tzinfo=UTC)
 EVENTS: list[dict[str, Any]] = [
     # name, then the row
-    {"timestamp": T0, "vm_id": "vm_aaaaaaaaaaaa", "host": "api.github.com", "cidr": None, "protocol": "tls",
+    {"timestamp": T0, "vm_id": "vm_aaaaaaaaaaaa", "host": "Api.GitHub.com.", "cidr": None, "protocol": "tls",
      "verdict": "allowed", "allowed": True, "mode": "enforce"},
     {"timestamp": T0 + timedelta(seconds=10), "vm_id": "vm_aaaaaaaaaaaa", "host": "evil.example.com", "cidr": None,
      "protocol": "http", "verdict": "denied", "allowed": False, "mode": "enforce"},
@@ -56,7 +56,8 @@ def _seconds(account: Account, **params: str | int) -> list[int]:
         ({"allowed": "false"}, [40, 10]),
         ({"mode": "warn"}, [30]),
         ({"mode": "enforce", "verdict": "denied"}, [40, 10]),
-        ({"host": "API.GITHUB.COM"}, [0]),
+        ({"host": "API.GITHUB.COM"}, [0]),  # stored as api.github.com
+        ({"host": "api.github.com."}, [0]),
         ({"protocol": "tcp"}, [50, 40, 20]),
         ({"protocol": "http"}, [10]),
         ({"cidr": "10.0.0.0/8"}, [20]),
@@ -64,6 +65,8 @@ def _seconds(account: Account, **params: str | int) -> list[int]:
         ({"cidr": "192.168.7.128/25"}, []),  # the event's /24 is not inside a /25
         ({"cidr": "0.0.0.0/0"}, [40, 20]),
         ({"cidr": "2001:db8::/32"}, [50]),
+        ({"cidr": "::/0"}, [50]),  # IPv6 networks hold no IPv4 events
+        ({"cidr": "::ffff:0:0/96"}, []),
         ({"since": "2026-02-28T12:00:20Z"}, [50, 40, 30]),  # exclusive
         ({"until": "2026-02-28T12:00:20Z"}, [10, 0]),  # exclusive
         ({"since": "2026-02-28T12:00:05", "until": "2026-02-28T13:00:35+01:00"}, [30, 20, 10]),  # naive = UTC
@@ -115,3 +118,9 @@ def test_bad_filters_are_400(audited: Account, params: dict[str, str], code: str
     resp = audited.client.get("/v1/audit/egress", params=params)
     assert resp.status_code == 400
     assert resp.json()["error"]["code"] == code
+
+
+def test_hosts_are_stored_normalised(audited: Account) -> None:
+    hosts = {e["host"] for e in audited.client.get("/v1/audit/egress").json()["data"]}
+    assert "api.github.com" in hosts
+    assert "Api.GitHub.com." not in hosts

@@ -441,7 +441,7 @@ SEMANTIC_CASES = [
     Case("env.put/key-leading-digit", "PUT", "/v1/env/1BAD", 422, "validation_error", body={"value": "x"}),
     Case("env.put/key-dash", "PUT", "/v1/env/BAD-KEY", 422, "validation_error", body={"value": "x"}),
     Case("env.put/key-257", "PUT", "/v1/env/" + "K" * 257, 422, "validation_error", body={"value": "x"}),
-    Case("env.put/key-513", "PUT", "/v1/env/" + "K" * 513, 400, "invalid_parameter", body={"value": "x"}),
+    Case("env.put/key-513", "PUT", "/v1/env/" + "K" * 513, 422, "validation_error", body={"value": "x"}),
     Case("secrets.create/name-invalid", "POST", "/v1/secrets", 422, "validation_error",
          body={"name": "bad name!", "secret": SECRET_VALUE, "env_var": "FRESH_TOKEN"}),
     Case("secrets.create/name-too-long", "POST", "/v1/secrets", 422, "validation_error",
@@ -501,7 +501,7 @@ SEMANTIC_CASES = [
     Case("egress.rules.create/cidr-garbage", "POST", "/v1/egress/rules", 422, "validation_error",
          body={"cidr": "nope"}),
     Case("egress.rules.create/name-invalid", "POST", "/v1/egress/rules", 422, "validation_error",
-         body={"name": "-bad", "host": "fresh.example.com"}),
+         body={"name": "   ", "host": "fresh.example.com"}),
     Case("egress.rules.create/comment-too-long", "POST", "/v1/egress/rules", 422, "validation_error",
          body={"host": "fresh.example.com", "comment": "c" * 1025}),
     Case("egress.rules.create/name-taken", "POST", "/v1/egress/rules", 409, "rule_name_taken",
@@ -583,7 +583,7 @@ def id_cases() -> list[Case]:
         "env-id-instead-of-key": ("<a_env_id>", 404),
         "wrong-case": ("seeded_a", 404),
         "other-users": ("BOB_ONLY", 404),
-        "too-long": ("K" * 513, 400),
+        "too-long": ("K" * 513, 404),  # no such variable (PUT of such a key is a 422)
     }
     for label, (key, status) in env_keys.items():
         code = "env_not_found" if status == 404 else "invalid_parameter"
@@ -661,9 +661,10 @@ def list_cases() -> list[Case]:
                 out.append(Case(f"{name}/order-{value or 'empty'}", "GET", path, 400, "invalid_parameter",
                                 params={"order": value}))  # fmt: skip
         for label, value in _tampered(default_sort, "desc").items():
-            out.append(
-                Case(f"{name}/cursor-{label}", "GET", path, 400, "invalid_cursor", params={"cursor": value})
-            )
+            # (a cursor's own sort and order apply when the request leaves them out: "other-order" conflicts
+            # only with an explicit order)
+            params = {"cursor": value, **({"order": "desc"} if label == "other-order" else {})}
+            out.append(Case(f"{name}/cursor-{label}", "GET", path, 400, "invalid_cursor", params=params))
     # a key of the wrong type for a string sort
     for label, key in (("time", ["t", TS]), ("int", ["i", 1])):
         value = cursor([1, "name", "asc", key, "sec_000000000000"])
@@ -671,16 +672,17 @@ def list_cases() -> list[Case]:
                         params={"sort": "name", "order": "asc", "cursor": value}))  # fmt: skip
     # a real cursor replayed with another sort or order
     replays = [
-        ("secrets.list/cursor-from-name-sort", "/v1/secrets", {}, "cur_secrets_name_asc"),
-        ("secrets.list/cursor-from-name-sort-other-order", "/v1/secrets", {"sort": "name"}, "cur_secrets_name_asc"),
-        ("secrets.list/cursor-from-asc", "/v1/secrets", {}, "cur_secrets_created_asc"),
+        ("secrets.list/cursor-from-name-sort", "/v1/secrets", {"sort": "created_at"}, "cur_secrets_name_asc"),
+        ("secrets.list/cursor-from-name-sort-other-order", "/v1/secrets", {"sort": "name", "order": "desc"},
+         "cur_secrets_name_asc"),
+        ("secrets.list/cursor-from-asc", "/v1/secrets", {"order": "desc"}, "cur_secrets_created_asc"),
         ("secrets.list/cursor-from-created-to-name", "/v1/secrets", {"sort": "name", "order": "asc"},
          "cur_secrets_created_asc"),
-        ("egress.rules.list/cursor-from-host-sort", "/v1/egress/rules", {}, "cur_rules_host_desc"),
+        ("egress.rules.list/cursor-from-host-sort", "/v1/egress/rules", {"sort": "created_at"}, "cur_rules_host_desc"),
         ("egress.rules.list/cursor-from-created-to-host", "/v1/egress/rules", {"sort": "host"},
          "cur_rules_created_desc"),
         ("egress.rules.list/cursor-from-desc-to-asc", "/v1/egress/rules", {"order": "asc"}, "cur_rules_created_desc"),
-        ("audit.egress.list/cursor-from-asc", "/v1/audit/egress", {}, "cur_audit_asc"),
+        ("audit.egress.list/cursor-from-asc", "/v1/audit/egress", {"order": "desc"}, "cur_audit_asc"),
         ("secrets.list/cursor-from-env", "/v1/secrets", {"sort": "name"}, "cur_env"),
     ]  # fmt: skip
     for case_id, path, params, mark in replays:

@@ -101,7 +101,12 @@ def test_nothing_saved_gives_the_default_url(tmp_path: Path) -> None:
     ("env", "expected"),
     [
         ({}, Credentials(url="https://saved.example", api_key="saved-key")),
-        ({"CORRAL_URL": "https://env.example"}, Credentials(url="https://env.example", api_key="saved-key")),
+        # a saved key is only ever sent to the server it was saved for
+        ({"CORRAL_URL": "https://env.example"}, Credentials(url="https://env.example", api_key=None)),
+        (
+            {"CORRAL_URL": "https://saved.example/"},
+            Credentials(url="https://saved.example", api_key="saved-key"),
+        ),
         ({"CORRAL_API_KEY": "env-key"}, Credentials(url="https://saved.example", api_key="env-key")),
         (
             {"CORRAL_URL": "https://env.example///", "CORRAL_API_KEY": "env-key"},
@@ -138,7 +143,7 @@ def test_environment_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
         (b"", Credentials(url=DEFAULT_URL, api_key=None)),
         (b'{"url": 5, "api_key": ["x"]}', Credentials(url=DEFAULT_URL, api_key=None)),
         (b'{"url": "http://h", "api_key": null}', Credentials(url="http://h", api_key=None)),
-        (b'{"api_key": "only-key"}', Credentials(url=DEFAULT_URL, api_key="only-key")),
+        (b'{"api_key": "only-key"}', Credentials(url=DEFAULT_URL, api_key=None)),  # for no known server
     ],
 )
 def test_a_damaged_file_is_ignored(tmp_path: Path, content: bytes, expected: Credentials) -> None:

@@ -29,8 +29,9 @@ _offsets = st.integers(min_value=-23 * 60 - 59, max_value=23 * 60 + 59).map(
 _aware = st.datetimes(
     min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC) | _offsets
 )
-_keys: st.SearchStrategy[SortKey] = st.text(max_size=100) | st.integers(-(2**63), 2**63) | _aware
-_idents = st.text(max_size=64)
+_text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=100)
+_keys: st.SearchStrategy[SortKey] = _text | st.integers(-(2**63), 2**63) | _aware
+_idents = st.from_regex(r"[a-z]{1,5}_[0-9a-z]{1,64}", fullmatch=True)
 _sorts = st.sampled_from(["created_at", "name", "updated_at"])
 _orders = st.sampled_from(Order)
 
@@ -220,3 +221,28 @@ def test_page_request_checks_the_cursor_against_the_effective_sort() -> None:
 def test_default_order_comes_from_the_spec() -> None:
     spec = ListSpec(default_limit=5, max_limit=10, default_order=Order.ASC)
     assert page_request(spec, limit=None, cursor=None).order is Order.ASC
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        [1, "created_at", "desc", ["t", "2026-01-01T00:00:00+00:00"], "\ud800"],
+        [1, "created_at", "desc", ["t", "2026-01-01T00:00:00+00:00"], "sec_\u0000"],
+        [1, "created_at", "desc", ["t", "2026-01-01T00:00:00+00:00"], "not an id"],
+        [1, "name", "desc", ["s", "\udfff"], "sec_abc"],
+        [1, "name", "desc", ["s", "a\u0000b"], "sec_abc"],
+        [1, "name", "desc", ["s", "x" * 1025], "sec_abc"],
+        [1, "name", "sideways", ["s", "x"], "sec_abc"],
+    ],
+)
+def test_forged_cursor_contents_are_invalid(payload: list[object]) -> None:
+    with pytest.raises(InvalidCursor, match="malformed"):
+        page_request(SPEC, limit=None, cursor=_raw(payload))
+
+
+def test_sort_and_order_come_from_the_cursor_when_left_out() -> None:
+    cursor = encode_cursor("name", Order.ASC, "bob", "usr_1")
+    got = page_request(SPEC, limit=None, cursor=cursor)
+    assert got == PageRequest(limit=20, sort="name", order=Order.ASC, after=("bob", "usr_1"))
+    with pytest.raises(InvalidCursor, match="sort=name"):
+        page_request(SPEC, limit=None, cursor=cursor, sort="created_at")

@@ -383,10 +383,15 @@ def test_rule_name_accepts(name: str) -> None:
     assert v.rule_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "-a", ".a", "_a", "a b", "a/b", "x" * (v.NAME_MAX + 1), "a\n"])
+@pytest.mark.parametrize("name", ["", "   ", "x" * (v.NAME_MAX + 1), "a\n", "a\x00b", "tab\there"])
 def test_rule_name_rejects(name: str) -> None:
-    with pytest.raises(ValueError, match="name must be 1 to 100 characters"):
+    with pytest.raises(ValueError, match="name must be 1 to 100 printable characters"):
         v.rule_name(name)
+
+
+@pytest.mark.parametrize("name", ["GitHub API", "a/b", "-a", "internal network (10/8)", "x" * v.NAME_MAX])
+def test_rule_names_are_human_readable(name: str) -> None:
+    assert v.rule_name(name) == name
 
 
 def test_comment_length() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -45,7 +46,7 @@ def db(st: StateDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(db, scope="function")]  # commit before the response is sent
 
 
-def _limit(st: AppState, limiter: RateLimiter, key: str) -> None:
+def charge(st: AppState, limiter: RateLimiter, key: str) -> None:
     wait = limiter.take(key, st.services.clock.monotonic())
     if wait:
         raise RateLimited(f"Too many requests; retry in {wait} s", retry_after=wait)
@@ -55,26 +56,34 @@ def principal(request: Request, st: StateDep) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
-        _limit(st, st.anon_limiter, _client(request))
+        charge(st, st.anon_limiter, _client(request))
         raise Unauthorized("Missing API key: pass it as 'Authorization: Bearer <api_key>'")
     if scheme.lower() != "bearer" or not token.strip():
-        _limit(st, st.anon_limiter, _client(request))
+        charge(st, st.anon_limiter, _client(request))
         raise Unauthorized("Authorization header must be 'Bearer <api_key>'")
     with st.sessions() as session:
         who = authenticate(session, token.strip())
     if who is None:
-        _limit(st, st.anon_limiter, _client(request))
+        charge(st, st.anon_limiter, _client(request))
         raise Unauthorized("Invalid API key")
-    _limit(st, st.key_limiter, who.key_id)
+    charge(st, st.key_limiter, who.key_id)
     return who
 
 
 def _client(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+    """The client's address as a rate-limit key; IPv6 clients by their /64 (one host holds a whole /64)."""
+    host = request.client.host if request.client else "unknown"
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if addr.version == 6 and addr.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{addr}/64", strict=False))
+    return host
 
 
 def anonymous_limit(request: Request, st: StateDep) -> None:
-    _limit(st, st.anon_limiter, _client(request))
+    charge(st, st.anon_limiter, _client(request))
 
 
 PrincipalDep = Annotated[Principal, Depends(principal)]

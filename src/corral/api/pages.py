@@ -31,7 +31,8 @@ def _page(title: str, body: str) -> str:
 def activate(*, code: str = "", error: str | None = None) -> str:
     err = f"<p class=error role=alert>{escape(error)}</p>" if error else ""
     form = (
-        "<p>Enter the code your device shows, and sign in to approve it.</p>"
+        "<p>Enter the code your device shows, and sign in to approve it. Approving signs that device in to "
+        "<strong>your</strong> account with a new API key: approve only a code you started yourself.</p>"
         f"{err}<form method=post action=/activate>"
         f"<label for=code>Code</label><input id=code name=code class=code required "
         f"placeholder=ABCD-1234 value='{escape(code, quote=True)}'>"

@@ -49,6 +49,8 @@ def load(path: Path | None = None) -> Credentials:
                 saved = {k: v for k, v in raw.items() if isinstance(v, str)}
         except (OSError, ValueError):
             saved = {}
-    url = os.environ.get("CORRAL_URL") or saved.get("url") or DEFAULT_URL
-    key = os.environ.get("CORRAL_API_KEY") or saved.get("api_key")
-    return Credentials(url=url.rstrip("/"), api_key=key)
+    url = (os.environ.get("CORRAL_URL") or saved.get("url") or DEFAULT_URL).rstrip("/")
+    key = os.environ.get("CORRAL_API_KEY") or None
+    if key is None and saved.get("url", "").rstrip("/") == url:
+        key = saved.get("api_key")  # a saved key goes only to the server it was issued by
+    return Credentials(url=url, api_key=key)

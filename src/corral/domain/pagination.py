@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -84,7 +85,20 @@ def encode_cursor(sort: str, order: Order, key: SortKey, ident: str) -> str:
     return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str, sort: str, order: Order) -> tuple[SortKey, str]:
+_IDENT = re.compile(r"[a-z]+_[0-9a-z]{1,64}")
+_KEY_TEXT_MAX = 1024
+
+
+@dataclass(frozen=True)
+class Cursor:
+    sort: str
+    order: Order
+    key: SortKey
+    ident: str
+
+
+def parse_cursor(cursor: str) -> Cursor:
+    """Everything a cursor says, checked: a forged one is an ``InvalidCursor``, never a database error."""
     if len(cursor) > 2048:
         raise InvalidCursor("cursor is malformed")
     try:
@@ -92,16 +106,36 @@ def decode_cursor(cursor: str, sort: str, order: Order) -> tuple[SortKey, str]:
     except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidCursor("cursor is malformed") from None
     match raw:
-        case [int(version), str(c_sort), str(c_order), key, str(ident)] if (
-            version == _VERSION and not isinstance(version, bool)
+        case [int(version), str(sort), "asc" | "desc" as order, key, str(ident)] if (
+            version == _VERSION and not isinstance(version, bool) and _IDENT.fullmatch(ident)
         ):
-            if c_sort != sort or c_order != order.value:
-                raise InvalidCursor(
-                    f"cursor was issued for sort={c_sort}&order={c_order}; "
-                    f"pass the same sort and order as the first page"
-                )
-            return _decode_key(key), ident
+            value = _decode_key(key)
+            if isinstance(value, str) and not _storable(value):
+                raise InvalidCursor("cursor is malformed")
+            return Cursor(sort=sort, order=Order(order), key=value, ident=ident)
     raise InvalidCursor("cursor is malformed")
+
+
+def _storable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text and len(text) <= _KEY_TEXT_MAX
+
+
+def decode_cursor(cursor: str, sort: str, order: Order) -> tuple[SortKey, str]:
+    parsed = parse_cursor(cursor)
+    _check_matches(parsed, sort, order)
+    return parsed.key, parsed.ident
+
+
+def _check_matches(parsed: Cursor, sort: str, order: Order) -> None:
+    if parsed.sort != sort or parsed.order is not order:
+        raise InvalidCursor(
+            f"cursor was issued for sort={parsed.sort}&order={parsed.order.value}; "
+            f"pass the same sort and order as the first page, or leave them out"
+        )
 
 
 def page_request(
@@ -112,16 +146,22 @@ def page_request(
     sort: str | None = None,
     order: str | None = None,
 ) -> PageRequest:
-    """Validate the documented query parameters of a list endpoint into a PageRequest."""
+    """Validate the documented query parameters of a list endpoint into a PageRequest. With a cursor, a
+    ``sort`` or ``order`` left out is the one the cursor was issued for."""
     size = spec.default_limit if limit is None else limit
     if not 1 <= size <= spec.max_limit:
         raise InvalidParameter(f"limit must be between 1 and {spec.max_limit}")
-    field = spec.sorts[0] if sort is None else sort
+    parsed = parse_cursor(cursor) if cursor is not None else None
+    field = sort if sort is not None else (parsed.sort if parsed else spec.sorts[0])
+    if sort is None and parsed is not None and field not in spec.sorts:
+        raise InvalidCursor("cursor was not issued by this list")
     if field not in spec.sorts:
         raise InvalidParameter(f"sort must be one of: {', '.join(spec.sorts)}")
     try:
-        direction = Order(order) if order is not None else spec.default_order
+        direction = Order(order) if order is not None else (parsed.order if parsed else spec.default_order)
     except ValueError:
         raise InvalidParameter("order must be one of: asc, desc") from None
-    after = decode_cursor(cursor, field, direction) if cursor is not None else None
-    return PageRequest(limit=size, sort=field, order=direction, after=after)
+    if parsed is None:
+        return PageRequest(limit=size, sort=field, order=direction)
+    _check_matches(parsed, field, direction)
+    return PageRequest(limit=size, sort=field, order=direction, after=(parsed.key, parsed.ident))

@@ -7,6 +7,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+_EPSILON = 1e-9
+
 
 @dataclass(frozen=True)
 class Limit:
@@ -53,7 +55,7 @@ class RateLimiter:
                     refill = (now - bucket.stamp) * self.limit.rate
                     bucket.tokens = min(float(self.limit.burst), bucket.tokens + refill)
                     bucket.stamp = now
-            if bucket.tokens >= 1.0:
-                bucket.tokens -= 1.0
+            if bucket.tokens >= 1.0 - _EPSILON:  # float refills: waiting Retry-After must always be enough
+                bucket.tokens = max(0.0, bucket.tokens - 1.0)
                 return 0
             return max(1, math.ceil((1.0 - bucket.tokens) / self.limit.rate))

@@ -17,7 +17,6 @@ NAME_MAX = 100
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ENV_VAR = re.compile(r"[A-Z][A-Z0-9_]*")
 _SECRET_NAME = re.compile(r"[A-Za-z0-9_-]+")
-_RULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
@@ -78,11 +77,9 @@ def secret_value(value: str) -> str:
 
 
 def rule_name(name: str) -> str:
-    if len(name) > NAME_MAX or not _RULE_NAME.fullmatch(name):
-        raise ValueError(
-            f"name must be 1 to {NAME_MAX} characters of letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit"
-        )
+    """A human-readable name: 1 to 100 printable characters, not blank."""
+    if not name.strip() or len(name) > NAME_MAX or not name.isprintable():
+        raise ValueError(f"name must be 1 to {NAME_MAX} printable characters, not blank")
     return name
 
 

@@ -40,12 +40,15 @@ class NewEvent:
 
 
 def network_bounds(cidr: str) -> tuple[str, str]:
-    """First and last address of a network as 32 hex digits, IPv4 mapped into IPv6 (``::ffff:a.b.c.d``)."""
+    """First and last address of a network as the address family and 32 hex digits (``4...``/``6...``):
+    string order is address order within a family, and no IPv6 network contains an IPv4 address."""
     net = ipaddress.ip_network(cidr, strict=False)
     lo, hi = int(net.network_address), int(net.broadcast_address)
-    if net.version == 4:
-        lo, hi = lo | 0xFFFF00000000, hi | 0xFFFF00000000
-    return f"{lo:032x}", f"{hi:032x}"
+    return f"{net.version}{lo:032x}", f"{net.version}{hi:032x}"
+
+
+def normalise_host(host: str) -> str:
+    return host.lower().rstrip(".")
 
 
 def record(session: Session, events: Iterable[NewEvent]) -> list[str]:
@@ -61,7 +64,7 @@ def record(session: Session, events: Iterable[NewEvent]) -> list[str]:
                 "user_id": ev.user_id,
                 "timestamp": ev.timestamp,
                 "vm_id": ev.vm_id,
-                "host": ev.host,
+                "host": normalise_host(ev.host) if ev.host else None,
                 "cidr": str(ipaddress.ip_network(ev.cidr, strict=False)) if ev.cidr else None,
                 "net_lo": lo,
                 "net_hi": hi,
@@ -109,7 +112,7 @@ def list_events(session: Session, user_id: str, request: PageRequest, f: EventFi
         if value is not None:
             stmt = stmt.where(column == value)
     if f.host is not None:
-        stmt = stmt.where(EgressEvent.host == f.host.lower())
+        stmt = stmt.where(EgressEvent.host == normalise_host(f.host))
     if f.cidr is not None:
         try:
             lo, hi = network_bounds(f.cidr)

@@ -143,7 +143,7 @@ class EgressRule(Base):
 class EgressEvent(Base):
     """One outbound connection (or intercepted HTTP request), written by the egress proxy.
 
-    ``net_lo``/``net_hi`` are the first and last address of ``cidr`` as 32 hex digits (IPv4 mapped into IPv6),
+    ``net_lo``/``net_hi`` are the first and last address of ``cidr`` as the family digit and 32 hex digits,
     so "event inside the network X" is a plain string range test on SQLite and PostgreSQL alike.
     """
 
@@ -156,8 +156,8 @@ class EgressEvent(Base):
     vm_id: Mapped[str | None] = mapped_column(ID, nullable=True)
     host: Mapped[str | None] = mapped_column(String(255), nullable=True)
     cidr: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    net_lo: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    net_hi: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    net_lo: Mapped[str | None] = mapped_column(String(33), nullable=True)
+    net_hi: Mapped[str | None] = mapped_column(String(33), nullable=True)
     protocol: Mapped[str] = mapped_column(String(8))
     verdict: Mapped[str] = mapped_column(String(8))
     allowed: Mapped[bool] = mapped_column(Boolean)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse
 
 from corral.api import pages
-from corral.api.deps import AnonLimit, PrincipalDep, SessionDep, StateDep
+from corral.api.deps import AnonLimit, PrincipalDep, SessionDep, StateDep, charge
 from corral.api.routers.common import AUTHED, errors
 from corral.api.schemas import (
     DataEnvelope,
@@ -17,6 +17,7 @@ from corral.api.schemas import (
     DeviceCodeOut,
     DevicePollOut,
 )
+from corral.domain import validation
 from corral.domain.errors import CorralError
 from corral.services import device, users
 
@@ -75,6 +76,7 @@ def device_poll(
 def device_approve(
     body: DeviceApproveRequest, who: PrincipalDep, session: SessionDep, st: StateDep
 ) -> DataEnvelope[DeviceApproveOut]:
+    charge(st, st.anon_limiter, f"approve:{who.user_id}")  # approvals are rare: guessing codes stays slow
     row = device.approve(session, st.services.clock, body.code, who.user_id)
     return DataEnvelope(data=DeviceApproveOut(code=row.code, status="approved"))
 
@@ -92,6 +94,8 @@ def activate_submit(
     email: Annotated[str, Form(max_length=254)],
     password: Annotated[str, Form(max_length=1024)],
 ) -> HTMLResponse:
+    if not all(_plain_text(field) for field in (code, email, password)):
+        return _html(pages.activate(code="", error="The form holds characters that are not allowed."), 400)
     user = users.check_password(session, email, password)
     if user is None:
         return _html(pages.activate(code=code, error="Wrong email or password."), 401)
@@ -100,6 +104,14 @@ def activate_submit(
     except CorralError as exc:
         return _html(pages.activate(code=code, error=exc.message), exc.status)
     return _html(pages.approved(row.code))
+
+
+def _plain_text(text: str) -> bool:
+    try:
+        validation.unicode_text(text, "field")
+    except ValueError:
+        return False
+    return "\x00" not in text
 
 
 def _html(body: str, status: int = 200) -> HTMLResponse:

@@ -14,7 +14,7 @@ from corral.domain.pagination import page_request
 from corral.services import env
 
 router = APIRouter(prefix="/v1/env", tags=["environment variables"])
-Key = Annotated[str, Path(description="Variable name", max_length=512)]
+Key = Annotated[str, Path(description="Variable name")]
 
 
 @router.get(
@@ -27,7 +27,9 @@ Key = Annotated[str, Path(description="Variable name", max_length=512)]
 def list_env(
     who: PrincipalDep, session: SessionDep, cursor: Cursor = None, limit: Limit = None
 ) -> ListEnvelope[EnvOut]:
-    page = env.list_env(session, who.user_id, page_request(env.LIST, limit=limit, cursor=cursor))
+    page = env.list_env(
+        session, who.user_id, page_request(env.LIST, limit=limit, cursor=cursor, order="desc")
+    )
     return envelope(page, EnvOut)
 
 
