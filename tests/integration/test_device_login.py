@@ -123,3 +123,12 @@ def test_activate_page_cannot_be_framed_or_cached(server: Server) -> None:
     assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
     assert page.headers["cache-control"] == "no-store"
     assert "<script>x</script>" not in page.text  # the code is escaped
+
+
+def test_activate_refuses_unstorable_form_text(server: Server) -> None:
+    with server.client() as anon:
+        for field in ("email", "password", "code"):
+            form = {"code": "ABCD-1234", "email": "a@example.com", "password": "whatever1", field: "a\x00b"}
+            resp = anon.post("/activate", data=form)
+            assert resp.status_code == 400, field
+            assert "not allowed" in resp.text

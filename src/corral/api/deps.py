@@ -56,21 +56,21 @@ def principal(request: Request, st: StateDep) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
-        charge(st, st.anon_limiter, _client(request))
+        charge(st, st.anon_limiter, client_key(request))
         raise Unauthorized("Missing API key: pass it as 'Authorization: Bearer <api_key>'")
     if scheme.lower() != "bearer" or not token.strip():
-        charge(st, st.anon_limiter, _client(request))
+        charge(st, st.anon_limiter, client_key(request))
         raise Unauthorized("Authorization header must be 'Bearer <api_key>'")
     with st.sessions() as session:
         who = authenticate(session, token.strip())
     if who is None:
-        charge(st, st.anon_limiter, _client(request))
+        charge(st, st.anon_limiter, client_key(request))
         raise Unauthorized("Invalid API key")
     charge(st, st.key_limiter, who.key_id)
     return who
 
 
-def _client(request: Request) -> str:
+def client_key(request: Request) -> str:
     """The client's address as a rate-limit key; IPv6 clients by their /64 (one host holds a whole /64)."""
     host = request.client.host if request.client else "unknown"
     try:
@@ -83,7 +83,7 @@ def _client(request: Request) -> str:
 
 
 def anonymous_limit(request: Request, st: StateDep) -> None:
-    charge(st, st.anon_limiter, _client(request))
+    charge(st, st.anon_limiter, client_key(request))
 
 
 PrincipalDep = Annotated[Principal, Depends(principal)]
