@@ -8,17 +8,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, insert, select
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
 
 from corral.domain.errors import InvalidParameter
 from corral.domain.ids import Prefix, new_id
-from corral.domain.pagination import ListSpec, Page, PageRequest, SortKey
-from corral.store.paging import paginate
+from corral.domain.pagination import ListSpec, Page, PageRequest
+from corral.store.paging import SortColumns, paginate
 from corral.store.tables import EgressEvent
 
 LIST = ListSpec(default_limit=50, max_limit=500, sorts=("timestamp",))
-_SORTS: dict[str, tuple[ColumnElement[Any] | InstrumentedAttribute[Any], type]] = {
+_SORTS: SortColumns = {
     "timestamp": (EgressEvent.timestamp, datetime),
 }
 PROTOCOLS = ("http", "tls", "tcp")
@@ -125,15 +125,11 @@ def list_events(session: Session, user_id: str, request: PageRequest, f: EventFi
     if f.until is not None:
         stmt = stmt.where(EgressEvent.timestamp < f.until)
 
-    def sort_value(row: EgressEvent, sort: str) -> SortKey:
-        return row.timestamp
-
     return paginate(
         session,
         stmt,
         request=request,
         sort_columns=_SORTS,
         id_column=EgressEvent.id,
-        sort_value=sort_value,
         render=lambda r: r,
     )

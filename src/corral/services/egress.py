@@ -5,18 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.orm import Session
 
 from corral.domain import validation
 from corral.domain.clock import Clock
 from corral.domain.errors import Conflict, ValidationFailed, not_found
 from corral.domain.ids import Prefix, has_prefix, new_id
-from corral.domain.pagination import ListSpec, Page, PageRequest, SortKey
-from corral.store.paging import paginate
+from corral.domain.pagination import ListSpec, Page, PageRequest
+from corral.store.paging import SortColumns, paginate
 from corral.store.tables import EgressPolicy, EgressRule
 
 
@@ -28,7 +27,7 @@ class Mode(StrEnum):
 DEFAULT_MODE = Mode.ENFORCE
 LIST_RULES = ListSpec(default_limit=50, max_limit=200, sorts=("created_at", "host"))
 _HOST_KEY = func.coalesce(EgressRule.host, "")
-_SORTS: dict[str, tuple[ColumnElement[Any] | InstrumentedAttribute[Any], type]] = {
+_SORTS: SortColumns = {
     "created_at": (EgressRule.created_at, datetime),
     "host": (_HOST_KEY, str),
 }
@@ -137,16 +136,12 @@ def list_rules(
     if name is not None:
         stmt = stmt.where(EgressRule.name == name)
 
-    def sort_value(row: EgressRule, sort: str) -> SortKey:
-        return (row.host or "") if sort == "host" else row.created_at
-
     return paginate(
         session,
         stmt,
         request=request,
         sort_columns=_SORTS,
         id_column=EgressRule.id,
-        sort_value=sort_value,
         render=lambda r: r,
     )
 

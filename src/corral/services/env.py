@@ -3,32 +3,27 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.orm import Session
 
 from corral.domain import validation
 from corral.domain.clock import Clock
 from corral.domain.errors import NotFound
 from corral.domain.ids import Prefix, new_id
-from corral.domain.pagination import ListSpec, Page, PageRequest, SortKey
-from corral.store.paging import paginate
+from corral.domain.pagination import ListSpec, Page, PageRequest
+from corral.store.paging import SortColumns, paginate
 from corral.store.tables import EnvVar
 
 LIST = ListSpec(default_limit=50, max_limit=200, sorts=("created_at",))
-_SORTS: dict[str, tuple[ColumnElement[Any] | InstrumentedAttribute[Any], type]] = {
+_SORTS: SortColumns = {
     "created_at": (EnvVar.created_at, datetime),
 }
 
 
 def _not_found(key: str) -> NotFound:
     return NotFound(f"No environment variable with key {key}", code="env_not_found")
-
-
-def _sort_value(row: EnvVar, sort: str) -> SortKey:
-    return row.created_at
 
 
 def list_env(session: Session, user_id: str, request: PageRequest) -> Page[EnvVar]:
@@ -39,7 +34,6 @@ def list_env(session: Session, user_id: str, request: PageRequest) -> Page[EnvVa
         request=request,
         sort_columns=_SORTS,
         id_column=EnvVar.id,
-        sort_value=_sort_value,
         render=lambda r: r,
     )
 

@@ -7,22 +7,22 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.orm import Session
 
 from corral.domain import validation
 from corral.domain.errors import Conflict, ValidationFailed, not_found
 from corral.domain.ids import Prefix, has_prefix, new_id
-from corral.domain.pagination import ListSpec, Page, PageRequest, SortKey
+from corral.domain.pagination import ListSpec, Page, PageRequest
 from corral.security.secretbox import SecretValue
 from corral.services.context import Services
-from corral.store.paging import paginate
+from corral.store.paging import SortColumns, paginate
 from corral.store.tables import Secret
 
 PROXY_VALUE_PREFIX = "CORRAL_PROXY_"
 LIST = ListSpec(default_limit=50, max_limit=200, sorts=("created_at", "name"))
-_SORTS: dict[str, tuple[ColumnElement[Any] | InstrumentedAttribute[Any], type]] = {
+_SORTS: SortColumns = {
     "created_at": (Secret.created_at, datetime),
     "name": (Secret.name, str),
 }
@@ -163,16 +163,12 @@ def list_secrets(
     if name is not None:
         stmt = stmt.where(Secret.name == name)
 
-    def sort_value(row: Secret, sort: str) -> SortKey:
-        return row.name if sort == "name" else row.created_at
-
     return paginate(
         session,
         stmt,
         request=request,
         sort_columns=_SORTS,
         id_column=Secret.id,
-        sort_value=sort_value,
         render=view,
     )
 

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, or_
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from corral.domain.errors import InvalidCursor
-from corral.domain.pagination import Order, Page, PageRequest, SortKey, encode_cursor
+from corral.domain.pagination import Order, Page, PageRequest, encode_cursor
 
-T = TypeVar("T")
-R = TypeVar("R")
+SortColumns = Mapping[str, tuple[ColumnElement[Any] | InstrumentedAttribute[Any], type]]
+"""Sort field -> (SQL expression, Python type of its values). NULLs must be mapped away (``coalesce``)."""
 
 
 def paginate[T, R](
@@ -20,16 +20,13 @@ def paginate[T, R](
     stmt: Select[T],
     *,
     request: PageRequest,
-    sort_columns: Mapping[str, tuple[ColumnElement[Any] | InstrumentedAttribute[Any], type]],
+    sort_columns: SortColumns,
     id_column: InstrumentedAttribute[str],
-    sort_value: Callable[[T, str], SortKey],
     render: Callable[[T], R],
 ) -> Page[R]:
-    """One page of ``stmt`` ordered by ``(sort column, id)``, starting after ``request.after``.
-
-    ``sort_value(row, sort)`` must return exactly the value the sort column holds for the row (NULLs are
-    mapped to a non-NULL value by the column expression, e.g. ``coalesce``).
-    """
+    """One page of ``stmt`` (a SELECT of one entity) ordered by ``(sort expression, id)``, starting after
+    ``request.after``. The next cursor's key is read back from the database with the row, so it is exactly
+    what the keyset comparison of the next page will compare against."""
     col, key_type = sort_columns[request.sort]
     asc = request.order is Order.ASC
     if request.after is not None:
@@ -41,18 +38,12 @@ def paginate[T, R](
         else:
             stmt = stmt.where(or_(col < key, and_(col == key, id_column < ident)))
     ordering = (col.asc(), id_column.asc()) if asc else (col.desc(), id_column.desc())
-    rows = list(session.scalars(stmt.order_by(*ordering).limit(request.limit + 1)))
+    keyed = stmt.add_columns(col.label("page_key"), id_column.label("page_id"))
+    rows = session.execute(keyed.order_by(*ordering).limit(request.limit + 1)).all()
     has_more = len(rows) > request.limit
     rows = rows[: request.limit]
     cursor = None
     if has_more:
-        last = rows[-1]
-        cursor = encode_cursor(request.sort, request.order, sort_value(last, request.sort), _ident(last))
-    return Page(data=[render(r) for r in rows], has_more=has_more, cursor=cursor)
-
-
-def _ident(row: object) -> str:
-    ident = getattr(row, "id", None)
-    if not isinstance(ident, str):
-        raise TypeError("paginated rows need a string id")
-    return ident
+        _, last_key, last_id = rows[-1]
+        cursor = encode_cursor(request.sort, request.order, last_key, last_id)
+    return Page(data=[render(row[0]) for row in rows], has_more=has_more, cursor=cursor)
