@@ -1,0 +1,1 @@
+"""How a sandbox runs: OCI spec and runtime argv (pure), the runtime driver, images, rootfs, cgroups, CRIU."""

@@ -1,0 +1,56 @@
+"""Command lines of the OCI runtime CLI (crun or runc), built as data. The driver runs them; tests read them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RuntimeCli:
+    binary: str  # path of crun or runc
+    state_root: str  # --root: where the runtime keeps its container state
+
+    def _base(self) -> list[str]:
+        return [self.binary, "--root", self.state_root]
+
+    def create(self, name: str, bundle: str, pid_file: str) -> list[str]:
+        return [*self._base(), "create", "--bundle", bundle, "--pid-file", pid_file, name]
+
+    def start(self, name: str) -> list[str]:
+        return [*self._base(), "start", name]
+
+    def state(self, name: str) -> list[str]:
+        return [*self._base(), "state", name]
+
+    def kill(self, name: str, signal: str = "KILL") -> list[str]:
+        return [*self._base(), "kill", "--all", name, signal]
+
+    def delete(self, name: str, *, force: bool = True) -> list[str]:
+        return [*self._base(), "delete", *(["--force"] if force else []), name]
+
+    def list_names(self) -> list[str]:
+        return [*self._base(), "list", "--quiet"]
+
+    def exec(
+        self,
+        name: str,
+        args: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        tty: bool = False,
+    ) -> list[str]:
+        """``exec`` of a process in a running sandbox. Environment values travel in argv: callers must never
+        put a secret's real value here (sandboxes only ever hold placeholders)."""
+        cmd = [*self._base(), "exec"]
+        for key, value in (env or {}).items():
+            cmd += ["--env", f"{key}={value}"]
+        if cwd is not None:
+            cmd += ["--cwd", cwd]
+        if user is not None:
+            cmd += ["--user", user]
+        if tty:
+            cmd.append("--tty")
+        return [*cmd, name, *args]

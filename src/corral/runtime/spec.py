@@ -1,0 +1,211 @@
+"""The OCI runtime ``config.json`` of a sandbox, built as data by pure functions (tested as data).
+
+Every sandbox gets: a user namespace (root inside is an unprivileged id range outside), its own pid, ipc, uts,
+mount, cgroup and network namespaces (the network namespace is created by the runtime inside the user
+namespace, so it can be checkpointed; the network is attached afterwards by moving a veth in by PID),
+``noNewPrivileges``, a minimal capability set, masked and read-only kernel paths, its own hostname, and cgroup
+limits for CPU, memory (no swap: the OOM killer acts inside the sandbox) and pids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+OCI_VERSION = "1.0.2"
+CPU_PERIOD_US = 100_000
+MIB = 1024 * 1024
+
+# Namespaced capabilities a root process in a user namespace needs for ordinary work (package installs,
+# chown, su, binding low ports). Not: NET_RAW (raw sockets), MKNOD, AUDIT_WRITE, SYS_ADMIN, NET_ADMIN.
+CAPABILITIES = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+)
+
+MASKED_PATHS = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/sys/devices/virtual/powercap",
+    "/sys/firmware",
+)
+
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+
+# The device nodes every sandbox has. In a user namespace they cannot be created with mknod, so they are
+# bind-mounted from the host: crun needs them listed as bind mounts (or a checkpoint fails: "./dev/urandom
+# doesn't have a proper root mount"); runc does the binding itself from linux.devices, and breaks on the mounts.
+DEVICES = ("null", "zero", "full", "tty", "random", "urandom")
+_DEVICE_NUMBERS = {
+    "null": (1, 3),
+    "zero": (1, 5),
+    "full": (1, 7),
+    "tty": (5, 0),
+    "random": (1, 8),
+    "urandom": (1, 9),
+}
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class Runtime(StrEnum):
+    CRUN = "crun"
+    RUNC = "runc"
+
+
+@dataclass(frozen=True)
+class IdRange:
+    """Container ids 0..size-1 are host ids host_start..host_start+size-1."""
+
+    host_start: int
+    size: int = 65536
+
+    def __post_init__(self) -> None:
+        if self.host_start < 1 or self.size < 1:
+            raise ValueError("a sandbox's id range must start above 0 on the host and not be empty")
+
+
+@dataclass(frozen=True)
+class Limits:
+    vcpus: float
+    mem_mib: int
+    pids: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.vcpus <= 0 or self.mem_mib < 16 or self.pids < 16:
+            raise ValueError("vcpus must be positive, mem_mib at least 16, pids at least 16")
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    hostname: str
+    rootfs: str  # absolute path of the (overlay) root filesystem
+    ids: IdRange
+    limits: Limits
+    cgroups_path: str  # e.g. "/corral/vm_x" (cgroupfs) — where the runtime creates the sandbox's cgroup
+    args: tuple[str, ...]  # the sandbox's init process
+    env: Mapping[str, str] = field(default_factory=dict)
+    runtime: Runtime = Runtime.CRUN
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+def _id_map(ids: IdRange) -> list[dict[str, int]]:
+    return [{"containerID": 0, "hostID": ids.host_start, "size": ids.size}]
+
+
+def _mounts(runtime: Runtime) -> list[dict[str, Any]]:
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+        },
+        {
+            "destination": "/dev/shm",  # noqa: S108 (inside the sandbox)
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        },
+        {
+            "destination": "/dev/mqueue",
+            "type": "mqueue",
+            "source": "mqueue",
+            "options": ["nosuid", "noexec", "nodev"],
+        },
+        {
+            "destination": "/sys",
+            "type": "sysfs",
+            "source": "sysfs",
+            "options": ["nosuid", "noexec", "nodev", "ro"],
+        },
+    ]
+    if runtime is Runtime.CRUN:
+        mounts += [
+            {"destination": f"/dev/{dev}", "type": "bind", "source": f"/dev/{dev}", "options": ["bind", "rw"]}
+            for dev in DEVICES
+        ]
+    return mounts
+
+
+def _devices(runtime: Runtime) -> list[dict[str, Any]]:
+    if runtime is Runtime.CRUN:
+        return []
+    return [
+        {
+            "path": f"/dev/{dev}",
+            "type": "c",
+            "major": _DEVICE_NUMBERS[dev][0],
+            "minor": _DEVICE_NUMBERS[dev][1],
+            "fileMode": 0o666,
+            "uid": 0,
+            "gid": 0,
+        }
+        for dev in DEVICES
+    ]
+
+
+def build_config(spec: SandboxSpec) -> dict[str, Any]:
+    """The whole ``config.json`` for ``spec``: a plain dict, ready for ``json.dump``."""
+    env = {"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "xterm", **spec.env}
+    caps = list(CAPABILITIES)
+    quota = max(1000, round(spec.limits.vcpus * CPU_PERIOD_US))
+    memory = spec.limits.mem_mib * MIB
+    return {
+        "ociVersion": OCI_VERSION,
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": list(spec.args),
+            "env": [f"{k}={v}" for k, v in env.items()],
+            "cwd": "/",
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 524288, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": spec.rootfs, "readonly": False},
+        "hostname": spec.hostname,
+        "mounts": _mounts(spec.runtime),
+        "annotations": dict(spec.annotations),
+        "linux": {
+            "uidMappings": _id_map(spec.ids),
+            "gidMappings": _id_map(spec.ids),
+            "namespaces": [
+                {"type": kind} for kind in ("pid", "ipc", "uts", "mount", "cgroup", "network", "user")
+            ],
+            "cgroupsPath": spec.cgroups_path,
+            "resources": {
+                "cpu": {"quota": quota, "period": CPU_PERIOD_US},
+                "memory": {"limit": memory, "swap": memory},
+                "pids": {"limit": spec.limits.pids},
+            },
+            "devices": _devices(spec.runtime),
+            "maskedPaths": list(MASKED_PATHS),
+            "readonlyPaths": list(READONLY_PATHS),
+        },
+    }
