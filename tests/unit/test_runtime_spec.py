@@ -121,5 +121,5 @@ def test_runtime_command_lines() -> None:
     assert cli.delete("vm_a") == [*base, "delete", "--force", "vm_a"]
     assert cli.list_names() == [*base, "list", "--quiet"]
     assert cli.exec("vm_a", ["sh", "-c", "echo $X"], env={"X": "1"}, cwd="/work", user="1000:1000", tty=True) == [
-        *base, "exec", "--env", "X=1", "--cwd", "/work", "--user", "1000:1000", "--tty", "vm_a", "sh", "-c", "echo $X",
+        *base, "exec", "--no-new-privs", "--env", "X=1", "--cwd", "/work", "--user", "1000:1000", "--tty", "vm_a", "sh", "-c", "echo $X",
     ]  # fmt: skip

@@ -43,8 +43,11 @@ class RuntimeCli:
         tty: bool = False,
     ) -> list[str]:
         """``exec`` of a process in a running sandbox. Environment values travel in argv: callers must never
-        put a secret's real value here (sandboxes only ever hold placeholders)."""
-        cmd = [*self._base(), "exec"]
+        put a secret's real value here (sandboxes only ever hold placeholders).
+
+        ``--no-new-privs`` always: an exec'd process does not inherit ``noNewPrivileges`` from config.json
+        (measured with crun 1.8.1: ``NoNewPrivs: 0`` without the flag)."""
+        cmd = [*self._base(), "exec", "--no-new-privs"]
         for key, value in (env or {}).items():
             cmd += ["--env", f"{key}={value}"]
         if cwd is not None:

@@ -185,7 +185,6 @@ def build_config(spec: SandboxSpec) -> dict[str, Any]:
             "env": [f"{k}={v}" for k, v in env.items()],
             "cwd": "/",
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 524288, "soft": 1024}],
             "noNewPrivileges": True,
         },
         "root": {"path": spec.rootfs, "readonly": False},
