@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, SecretStr, model_validator
 
 from corral.domain.clock import iso
+from corral.domain.validation import is_storable
 
 T = TypeVar("T")
 
@@ -23,12 +24,8 @@ Timestamp = Annotated[
 
 def _storable_text(value: Any) -> None:
     if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            raise ValueError("strings must be valid Unicode text (no lone surrogates)") from None
-        if "\x00" in value:
-            raise ValueError("strings must not contain NUL characters")
+        if not is_storable(value):
+            raise ValueError("strings must be valid Unicode text without NUL characters")
     elif isinstance(value, dict):
         for key, item in value.items():
             _storable_text(key)

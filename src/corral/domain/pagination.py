@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import TypeVar
 
 from corral.domain.errors import InvalidCursor, InvalidParameter
+from corral.domain.validation import is_storable
 
 T = TypeVar("T")
 SortKey = str | int | datetime
@@ -110,18 +111,10 @@ def parse_cursor(cursor: str) -> Cursor:
             version == _VERSION and not isinstance(version, bool) and _IDENT.fullmatch(ident)
         ):
             value = _decode_key(key)
-            if isinstance(value, str) and not _storable(value):
+            if isinstance(value, str) and not (is_storable(value) and len(value) <= _KEY_TEXT_MAX):
                 raise InvalidCursor("cursor is malformed")
             return Cursor(sort=sort, order=Order(order), key=value, ident=ident)
     raise InvalidCursor("cursor is malformed")
-
-
-def _storable(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return "\x00" not in text and len(text) <= _KEY_TEXT_MAX
 
 
 def decode_cursor(cursor: str, sort: str, order: Order) -> tuple[SortKey, str]:

@@ -32,6 +32,16 @@ def env_key(key: str) -> str:
     return key
 
 
+def is_storable(text: str) -> bool:
+    """Text every database can store and every encoder can send: no lone surrogates (JSON can carry them),
+    no NUL (PostgreSQL text cannot hold it)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
 def unicode_text(value: str, field: str) -> str:
     """Text that can be stored and sent on: JSON can carry lone surrogates, which no encoder accepts."""
     try:

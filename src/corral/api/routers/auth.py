@@ -94,7 +94,7 @@ def activate_submit(
     email: Annotated[str, Form(max_length=254)],
     password: Annotated[str, Form(max_length=1024)],
 ) -> HTMLResponse:
-    if not all(_plain_text(field) for field in (code, email, password)):
+    if not all(validation.is_storable(field) for field in (code, email, password)):
         return _html(pages.activate(code="", error="The form holds characters that are not allowed."), 400)
     user = users.check_password(session, email, password)
     if user is None:
@@ -104,14 +104,6 @@ def activate_submit(
     except CorralError as exc:
         return _html(pages.activate(code=code, error=exc.message), exc.status)
     return _html(pages.approved(row.code))
-
-
-def _plain_text(text: str) -> bool:
-    try:
-        validation.unicode_text(text, "field")
-    except ValueError:
-        return False
-    return "\x00" not in text
 
 
 def _html(body: str, status: int = 200) -> HTMLResponse:
