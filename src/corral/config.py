@@ -30,11 +30,40 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
     return value
 
 
+def _int0(env: dict[str, str], name: str, default: int) -> int:
+    """A non-negative integer setting."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit():
+        raise SystemExit(f"{name} must be a non-negative integer, got {raw!r}")
+    return int(raw)
+
+
+def _flag(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "on", "true", "yes"):
+        return True
+    if raw in ("0", "off", "false", "no"):
+        return False
+    raise SystemExit(f"{name} must be on or off, got {raw!r}")
+
+
+def _choice(env: dict[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = env.get(name) or default
+    if raw not in choices:
+        raise SystemExit(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
 def prepare_data_dir(path: Path) -> None:
-    """Create the data directory private to the server (0700): it holds the database and the secret key."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o077 and path.stat().st_uid == os.geteuid():
-        path.chmod(0o700)
+    """Create the server's data directory, 0711: others may pass through it (a sandbox's root user must reach
+    its root filesystem under ``node/``) but not list it; the database and the secret key in it are 0600."""
+    path.mkdir(mode=0o711, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o777 != 0o711 and path.stat().st_uid == os.geteuid():
+        path.chmod(0o711)
 
 
 @dataclass(frozen=True)
@@ -49,6 +78,15 @@ class Settings:
     anon_rate_limit_burst: int = 20
     max_body_bytes: int = 1024 * 1024
     device_code_ttl_seconds: int = 900
+    node: bool = True  # run sandboxes on this host (CORRAL_NODE=off: the API only, VM calls answer 503)
+    runtime: str = "crun"  # crun or runc
+    images_dir: Path | None = None  # default: <data_dir>/images
+    sandbox_id_base: int = 100000  # host uid/gid of root inside every sandbox (65536 ids from there)
+    warm_pool_size: int = 2  # booted sandboxes waiting per default image
+    disk_pool_gib: int = 256  # sparse btrfs file that holds every sandbox disk
+    max_vcpus: int = max(1, os.cpu_count() or 1)
+    max_mem_mib: int = 8192
+    max_disk_mib: int = 65536
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -66,4 +104,17 @@ class Settings:
             anon_rate_limit_burst=_int(env, "CORRAL_ANON_RATE_LIMIT_BURST", 20),
             max_body_bytes=_int(env, "CORRAL_MAX_BODY_BYTES", 1024 * 1024),
             device_code_ttl_seconds=_int(env, "CORRAL_DEVICE_CODE_TTL", 900),
+            node=_flag(env, "CORRAL_NODE", True),
+            runtime=_choice(env, "CORRAL_RUNTIME", ("crun", "runc"), "crun"),
+            images_dir=Path(env["CORRAL_IMAGES_DIR"]) if env.get("CORRAL_IMAGES_DIR") else None,
+            sandbox_id_base=_int(env, "CORRAL_SANDBOX_ID_BASE", 100000),
+            warm_pool_size=_int0(env, "CORRAL_WARM_POOL_SIZE", 2),
+            disk_pool_gib=_int(env, "CORRAL_DISK_POOL_GIB", 256),
+            max_vcpus=_int(env, "CORRAL_MAX_VCPUS", max(1, os.cpu_count() or 1)),
+            max_mem_mib=_int(env, "CORRAL_MAX_MEM_MIB", 8192),
+            max_disk_mib=_int(env, "CORRAL_MAX_DISK_MIB", 65536),
         )
+
+    @property
+    def images_path(self) -> Path:
+        return self.images_dir or self.data_dir / "images"

@@ -169,14 +169,14 @@ def test_non_positive_integer_is_a_clear_exit(env_name: str, field: str, default
     assert str(info.value) == f"{env_name} must be at least 1, got {int(raw)}"
 
 
-def test_data_dir_is_made_private(tmp_path: Path) -> None:
+def test_data_dir_is_private_but_traversable(tmp_path: Path) -> None:
     from corral.config import prepare_data_dir
 
     fresh = tmp_path / "a" / "data"
     prepare_data_dir(fresh)
-    assert fresh.stat().st_mode & 0o777 == 0o700
+    assert fresh.stat().st_mode & 0o777 == 0o711
     loose = tmp_path / "loose"
     loose.mkdir(mode=0o755)
     loose.chmod(0o755)
     prepare_data_dir(loose)
-    assert loose.stat().st_mode & 0o777 == 0o700
+    assert loose.stat().st_mode & 0o777 == 0o711

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from sqlalchemy.orm import Session, sessionmaker
 
 from corral import __version__
 from corral.api import docs, errors, openapi
 from corral.api.deps import AppState
 from corral.api.limits import RequestGuard
-from corral.api.routers import audit, auth, egress, env, health, secrets, users
+from corral.api.routers import audit, auth, egress, env, execs, health, secrets, users, vms
 from corral.config import Settings, prepare_data_dir
 from corral.domain.clock import Clock, SystemClock
 from corral.domain.ratelimit import Limit, RateLimiter
+from corral.node.setup import ensure_default_image, make_node
+from corral.runtime.images import Progress
 from corral.security.secretbox import AesGcmCipher, load_or_create_key
 from corral.services.context import Services
+from corral.services.lifecycle import Lifecycle
+from corral.services.vms import ResourceLimits
 from corral.store.db import make_engine, migrate, session_factory
 
 log = logging.getLogger("corral")
@@ -30,14 +37,58 @@ Errors return `{"error": {"code", "message"}}`. Timestamps are ISO 8601 UTC.
 """
 
 
-def create_app(settings: Settings | None = None, *, clock: Clock | None = None) -> FastAPI:
+def make_lifecycle(
+    settings: Settings, sessions: sessionmaker[Session], clock: Clock, progress: Progress | None
+) -> Lifecycle:
+    """The node on this host, made ready, its default image present, and reconciled with the store."""
+    node = make_node(settings)
+    node.prepare()
+    image = ensure_default_image(node, progress)
+    life = Lifecycle(
+        sessions,
+        clock,
+        node,
+        default_image=image.name,
+        limits=ResourceLimits(
+            max_vcpus=settings.max_vcpus, max_mem_mib=settings.max_mem_mib, max_disk_mib=settings.max_disk_mib
+        ),
+        pool_size=settings.warm_pool_size,
+    )
+    result = life.reconcile()
+    log.info(
+        "reconciled: %d VMs adopted, %d failed, %d operations finished, %d orphans removed",
+        result.adopted,
+        result.failed,
+        result.finished,
+        result.orphans_removed,
+    )
+    return life
+
+
+def create_app(
+    settings: Settings | None = None, *, clock: Clock | None = None, progress: Progress | None = None
+) -> FastAPI:
     settings = settings or Settings.from_env()
     clock = clock or SystemClock()
     prepare_data_dir(settings.data_dir)
     engine = make_engine(settings.database_url)
     migrate(engine)
     cipher = AesGcmCipher(load_or_create_key(settings.secret_key_file))
+    sessions = session_factory(engine)
+    life = make_lifecycle(settings, sessions, clock, progress) if settings.node else None
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if life is not None:
+            life.start_background()
+        try:
+            yield
+        finally:
+            if life is not None:
+                life.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Corral API",
         version=__version__,
         description=DESCRIPTION,
@@ -48,7 +99,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     app.state.corral = AppState(
         settings=settings,
         engine=engine,
-        sessions=session_factory(engine),
+        sessions=sessions,
         services=Services(
             clock=clock, cipher=cipher, device_code_ttl_seconds=settings.device_code_ttl_seconds
         ),
@@ -56,11 +107,13 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         anon_limiter=RateLimiter(
             Limit.per_minute(settings.anon_rate_limit_per_minute, settings.anon_rate_limit_burst)
         ),
+        lifecycle=life,
     )
     errors.install(app)
     docs.install(app)
-    for module in (health, users, auth, env, secrets, egress, audit):
+    for module in (health, users, auth, env, secrets, egress, audit, vms, execs):
         app.include_router(module.router)
+    app.include_router(vms.images_router)
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
     app.openapi = lambda: openapi.build(app)  # type: ignore[method-assign]
     return app

@@ -15,6 +15,7 @@ from corral.config import Settings
 from corral.domain.errors import RateLimited, Unauthorized
 from corral.domain.ratelimit import RateLimiter
 from corral.services.context import Services
+from corral.services.lifecycle import Lifecycle
 from corral.services.users import Principal, authenticate
 
 
@@ -26,6 +27,7 @@ class AppState:
     services: Services
     key_limiter: RateLimiter
     anon_limiter: RateLimiter
+    lifecycle: Lifecycle | None = None
 
 
 def state(request: Request) -> AppState:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,6 +30,9 @@ def _has_nul(scope: Scope) -> bool:
     return "\x00" in scope.get("path", "") or b"%00" in query or b"\x00" in query
 
 
+STREAMED_UPLOAD = re.compile(r"/v1/vms/[^/]+/files/upload")
+
+
 class RequestGuard:
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -40,6 +44,9 @@ class RequestGuard:
             return
         if _has_nul(scope):
             await _send_error(send, "invalid_parameter", "The path and query must not contain NUL characters")
+            return
+        if scope.get("method") == "POST" and STREAMED_UPLOAD.fullmatch(scope.get("path", "")):
+            await self.app(scope, receive, send)  # file uploads are streamed to disk, any size
             return
         length = None
         for name, value in scope.get("headers", []):

@@ -227,3 +227,123 @@ class EgressEventOut(Response):
     verdict: Literal["allowed", "denied"]
     allowed: bool
     mode: Literal["enforce", "warn"]
+
+
+# --- VMs ------------------------------------------------------------------------------------------------
+
+
+class VmCreateRequest(Request):
+    name: str = Field(
+        min_length=1,
+        max_length=64,
+        description="Unique among your VMs that are not destroyed; reusable once the VM is destroyed. "
+        "Letters, digits, '.', '_' and '-', starting with a letter or digit.",
+        examples=["my-dev-env"],
+    )
+    public_key: str = Field(
+        min_length=1,
+        max_length=16384,
+        description="OpenSSH public key for SSH access (`ssh-ed25519 AAAA...`).",
+    )
+    snapshot_id: str | None = Field(
+        default=None, max_length=80, description="Snapshot to boot from instead of the base image."
+    )
+    image: str | None = Field(
+        default=None,
+        max_length=128,
+        description="Image to boot (see GET /v1/images); default `debian:bookworm`.",
+    )
+    vcpus: int | None = Field(
+        default=None, description="CPU cores (cgroup quota). Default 1, at most the node's cores."
+    )
+    mem_mib: int | None = Field(default=None, description="Memory limit in MiB. Default 1024, 64 to 8192.")
+    disk_mib: int | None = Field(default=None, description="Disk quota in MiB. Default 4096, 64 to 65536.")
+
+
+class VmOut(Response):
+    id: str = Field(examples=["vm_k3mf9xvw2p"])
+    name: str = Field(examples=["my-dev-env"])
+    status: Literal["pending", "running", "stopped", "destroyed", "failed"]
+    status_detail: Literal[
+        "queued",
+        "creating",
+        "starting",
+        "running",
+        "ready",
+        "stopping",
+        "stopped",
+        "destroying",
+        "destroyed",
+        "failed",
+    ]
+    created_at: Timestamp
+    updated_at: Timestamp
+    image: str = Field(examples=["debian:bookworm"])
+    vcpus: int
+    mem_mib: int
+    disk_mib: int
+    snapshot_id: str | None = None
+    create_ms: int | None = Field(default=None, description="Measured time from create to ready, in ms.")
+    failure_reason: str | None = Field(default=None, description="Why the VM is `failed`; null otherwise.")
+
+
+class ExecRequest(Request):
+    command: str | list[str] = Field(
+        description="A shell string (run by `/bin/sh -c`) or an argv list (run as given).",
+        examples=['python3 -c "print(1+1)"'],
+    )
+    timeout: float = Field(
+        default=60,
+        gt=0,
+        le=3600,
+        description="Seconds before the whole process tree is killed (exit_code 124).",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables; they override your /v1/env ones."
+    )
+    cwd: str | None = Field(default=None, max_length=4096, description="Working directory (default `/root`).")
+    user: str | None = Field(
+        default=None,
+        max_length=64,
+        description="User name, uid or uid:gid inside the sandbox (default root).",
+    )
+
+
+class ExecOut(Response):
+    exit_code: int
+    stdout: str
+    stderr: str
+    stdout_truncated: bool = Field(
+        description="stdout went past the 1 MiB cap; only its first 1 MiB is here."
+    )
+    stderr_truncated: bool = Field(
+        description="stderr went past the 1 MiB cap; only its first 1 MiB is here."
+    )
+    timed_out: bool
+    duration_ms: int
+
+
+class FileEntryOut(Response):
+    name: str
+    type: Literal["file", "directory", "symlink", "other"]
+    size: int
+    mode: str = Field(examples=["0644"])
+    mtime: Timestamp
+
+
+class FileListOut(Response):
+    path: str
+    data: list[FileEntryOut]
+
+
+class UploadOut(Response):
+    path: str
+    size: int
+
+
+class ImageOut(Response):
+    name: str = Field(examples=["debian:bookworm"])
+    size_bytes: int
+    created_at: Timestamp
+    source: str
+    default: bool

@@ -28,7 +28,8 @@ def serve(
 
     from corral.api.app import create_app
 
-    application = create_app()
+    with image_progress() as progress:
+        application = create_app(progress=progress)
     uvicorn.run(application, host=host, port=port, log_level=log_level, server_header=False)
 
 
@@ -97,6 +98,15 @@ def _raise_for(resp: httpx.Response) -> None:
         message = resp.text[:200]
     err.print(f"[red]Error {resp.status_code}[/red] {message}")
     raise typer.Exit(1)
+
+
+from corral.cli import images as _images  # noqa: E402
+from corral.cli import vm as _vm  # noqa: E402
+from corral.cli.progress import image_progress  # noqa: E402
+
+app.add_typer(_images.app, name="image")
+app.add_typer(_images.node_app, name="node")
+app.add_typer(_vm.app, name="vm")
 
 
 def main() -> None:

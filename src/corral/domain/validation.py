@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 
@@ -169,3 +171,42 @@ def password(text: str) -> str:
     if len(text) < 8 or len(text) > 1024:
         raise ValueError("password must be 8 to 1024 characters")
     return text
+
+
+_VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SSH_KEY_TYPES = (
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+)
+
+
+def vm_name(name: str) -> str:
+    if not _VM_NAME.fullmatch(name):
+        raise ValueError(
+            "name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def ssh_public_key(text: str) -> str:
+    """An OpenSSH public key line (``type base64 [comment]``) whose blob names the same key type."""
+    parts = text.strip().split(None, 2)
+    if len(text) > 16384 or len(parts) < 2 or parts[0] not in _SSH_KEY_TYPES:
+        raise ValueError(
+            "public_key must be an OpenSSH public key such as 'ssh-ed25519 AAAAC3Nza... comment'"
+        )
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("public_key's key data is not valid base64") from None
+    if len(blob) < 4:
+        raise ValueError("public_key's key data is too short")
+    length = int.from_bytes(blob[:4], "big")
+    if blob[4 : 4 + length] != parts[0].encode():
+        raise ValueError("public_key's key data does not match its type")
+    return " ".join(parts)

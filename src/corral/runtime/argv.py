@@ -41,6 +41,7 @@ class RuntimeCli:
         cwd: str | None = None,
         user: str | None = None,
         tty: bool = False,
+        pid_file: str | None = None,
     ) -> list[str]:
         """``exec`` of a process in a running sandbox. Environment values travel in argv: callers must never
         put a secret's real value here (sandboxes only ever hold placeholders).
@@ -56,4 +57,6 @@ class RuntimeCli:
             cmd += ["--user", user]
         if tty:
             cmd.append("--tty")
+        if pid_file is not None:
+            cmd += ["--pid-file", pid_file]
         return [*cmd, name, *args]

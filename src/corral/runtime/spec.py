@@ -105,6 +105,8 @@ class SandboxSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     runtime: Runtime = Runtime.CRUN
     annotations: Mapping[str, str] = field(default_factory=dict)
+    seccomp: Mapping[str, Any] | None = None  # the OCI linux.seccomp object
+    binds: tuple[tuple[str, str], ...] = ()  # (host file, path inside), mounted read-only
 
 
 def _id_map(ids: IdRange) -> list[dict[str, int]]:
@@ -170,6 +172,16 @@ def _devices(runtime: Runtime) -> list[dict[str, Any]]:
     ]
 
 
+def _device_rules() -> list[dict[str, Any]]:
+    """The devices cgroup: nothing but the standard nodes and pseudo-terminals (runc needs this list on a v1
+    host, or it cannot reopen /dev/null inside the sandbox)."""
+    rules: list[dict[str, Any]] = [{"allow": False, "access": "rwm"}]
+    for major, minor in (*_DEVICE_NUMBERS.values(), (5, 2)):
+        rules.append({"allow": True, "type": "c", "major": major, "minor": minor, "access": "rwm"})
+    rules.append({"allow": True, "type": "c", "major": 136, "access": "rwm"})  # /dev/pts/*
+    return rules
+
+
 def build_config(spec: SandboxSpec) -> dict[str, Any]:
     """The whole ``config.json`` for ``spec``: a plain dict, ready for ``json.dump``."""
     env = {"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "xterm", **spec.env}
@@ -189,7 +201,18 @@ def build_config(spec: SandboxSpec) -> dict[str, Any]:
         },
         "root": {"path": spec.rootfs, "readonly": False},
         "hostname": spec.hostname,
-        "mounts": _mounts(spec.runtime),
+        "mounts": [
+            *_mounts(spec.runtime),
+            *(
+                {
+                    "destination": dest,
+                    "type": "bind",
+                    "source": src,
+                    "options": ["bind", "ro", "nosuid", "nodev"],
+                }
+                for src, dest in spec.binds
+            ),
+        ],
         "annotations": dict(spec.annotations),
         "linux": {
             "uidMappings": _id_map(spec.ids),
@@ -199,6 +222,7 @@ def build_config(spec: SandboxSpec) -> dict[str, Any]:
             ],
             "cgroupsPath": spec.cgroups_path,
             "resources": {
+                "devices": _device_rules(),
                 "cpu": {"quota": quota, "period": CPU_PERIOD_US},
                 "memory": {"limit": memory, "swap": memory},
                 "pids": {"limit": spec.limits.pids},
@@ -206,5 +230,6 @@ def build_config(spec: SandboxSpec) -> dict[str, Any]:
             "devices": _devices(spec.runtime),
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
+            **({"seccomp": dict(spec.seccomp)} if spec.seccomp is not None else {}),
         },
     }

@@ -76,3 +76,8 @@ def delete_env(session: Session, user_id: str, key: str) -> None:
     row = get_env(session, user_id, key)
     session.delete(row)
     session.flush()
+
+
+def environment_of(session: Session, user_id: str) -> dict[str, str]:
+    """Every variable of the user, for the environment of each command run in their sandboxes."""
+    return {row.key: row.value for row in session.scalars(select(EnvVar).where(EnvVar.user_id == user_id))}

@@ -29,7 +29,11 @@ def make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            db_file = Path(parsed.database)
+            db_file.parent.mkdir(parents=True, exist_ok=True)
+            # owner-only; SQLite gives its -wal and -shm files the database file's permissions
+            db_file.touch(mode=0o600, exist_ok=True)
+            db_file.chmod(0o600)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")

@@ -9,12 +9,14 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Index,
+    Integer,
     LargeBinary,
     MetaData,
     String,
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -162,3 +164,41 @@ class EgressEvent(Base):
     verdict: Mapped[str] = mapped_column(String(8))
     allowed: Mapped[bool] = mapped_column(Boolean)
     mode: Mapped[str] = mapped_column(String(8))
+
+
+class Vm(Base):
+    """A sandbox. ``status_detail`` is the desired/observed lifecycle state (``corral.domain.vm_states``);
+    ``container_id`` names its sandbox on the node (a warm-pool sandbox keeps the id it was booted with)."""
+
+    __tablename__ = "vms"
+    __table_args__ = (
+        # names are unique among a user's VMs that are not destroyed
+        Index(
+            "uq_vms_user_live_name",
+            "user_id",
+            "name",
+            unique=True,
+            sqlite_where=text("status_detail != 'destroyed'"),
+            postgresql_where=text("status_detail != 'destroyed'"),
+        ),
+        Index("ix_vms_user_created", "user_id", "created_at", "id"),
+        Index("ix_vms_user_updated", "user_id", "updated_at", "id"),
+        Index("ix_vms_user_name", "user_id", "name", "id"),
+        Index("ix_vms_status_detail", "status_detail"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey(OWNER, ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    public_key: Mapped[str] = mapped_column(Text)
+    status_detail: Mapped[str] = mapped_column(String(16))
+    failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    image: Mapped[str] = mapped_column(String(128))
+    snapshot_id: Mapped[str | None] = mapped_column(ID, nullable=True)
+    vcpus: Mapped[int] = mapped_column(Integer)
+    mem_mib: Mapped[int] = mapped_column(Integer)
+    disk_mib: Mapped[int] = mapped_column(Integer)
+    container_id: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
+    create_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -1,0 +1,322 @@
+"""Running commands and moving files in a VM: ``/v1/vms/{vm_id}/exec``, ``/exec/stream`` and ``/files``
+(isorun's paths)."""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import queue
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from corral.api.deps import PrincipalDep, StateDep
+from corral.api.routers.common import AUTHED, errors
+from corral.api.routers.vms import lifecycle_of
+from corral.api.schemas import ExecOut, ExecRequest, FileEntryOut, FileListOut, UploadOut
+from corral.domain import validation
+from corral.domain.errors import (
+    BadRequest,
+    Conflict,
+    CorralError,
+    InvalidParameter,
+    NotFound,
+    ValidationFailed,
+)
+from corral.node.execution import Exit, Output, run_streaming, shell_argv
+from corral.node.files import FileError, SandboxFiles, normalise, resolve_user
+from corral.node.local import NodeError
+from corral.services import env as env_service
+from corral.services.lifecycle import Lifecycle
+
+router = APIRouter(prefix="/v1/vms", tags=["exec and files"])
+VmId = Annotated[str, Path(description="The VM ID")]
+FilePath = Annotated[str, Query(description="Absolute path inside the sandbox", max_length=4096)]
+
+OUTPUT_CAP = 1024 * 1024  # per stream, in the JSON answer of /exec
+_MAX_ARGS = 4096
+_MAX_COMMAND = 256 * 1024
+
+
+class UploadAborted(Exception):
+    pass
+
+
+class DiskFull(CorralError):
+    status = 507
+    code = "disk_full"
+
+
+def file_error(exc: FileError) -> CorralError:
+    if exc.kind == "not_found":
+        return NotFound(str(exc), code="file_not_found")
+    if exc.kind == "not_running":
+        return Conflict("VM is not running", code="vm_not_running")
+    if exc.kind == "disk_full":
+        return DiskFull(str(exc))
+    if exc.kind in ("is_a_directory", "not_a_directory", "exists"):
+        return Conflict(str(exc), code=exc.kind)
+    return BadRequest(str(exc), code="invalid_path")
+
+
+def _files(life: Lifecycle, user_id: str, vm_id: str) -> SandboxFiles:
+    cid = life.running_container(user_id, vm_id)
+    try:
+        return life.node.files(cid)
+    except NodeError:
+        raise Conflict("VM is not running", code="vm_not_running") from None
+
+
+def _validated(body: ExecRequest) -> list[str]:
+    args = shell_argv(body.command)
+    if not args or not args[0]:
+        raise ValidationFailed("command must not be empty")
+    if len(args) > _MAX_ARGS or sum(len(a) for a in args) > _MAX_COMMAND:
+        raise ValidationFailed("command is too long")
+    for key, value in body.env.items():
+        try:
+            validation.env_key(key)
+        except ValueError as exc:
+            raise ValidationFailed(f"env: {exc}") from None
+        if len(value) > 32768:
+            raise ValidationFailed(f"env: the value of {key} is over 32 KiB")
+    if body.cwd is not None and not body.cwd.startswith("/"):
+        raise ValidationFailed("cwd must be an absolute path")
+    return args
+
+
+class _Prepared:
+    def __init__(
+        self, life: Lifecycle, cid: str, args: list[str], env: dict[str, str], body: ExecRequest
+    ) -> None:
+        self.life, self.cid, self.args, self.env, self.body = life, cid, args, env, body
+        self.user: str | None = None
+
+    def events(self) -> Iterator[Output | Exit]:
+        return run_streaming(
+            self.life.node,
+            self.cid,
+            self.args,
+            env=self.env,
+            cwd=self.body.cwd or "/root",
+            user=self.user,
+            timeout=self.body.timeout,
+        )
+
+
+def _prepare(st: StateDep, user_id: str, vm_id: str, body: ExecRequest) -> _Prepared:
+    life = lifecycle_of(st)
+    args = _validated(body)
+    cid = life.running_container(user_id, vm_id)
+    with st.sessions() as session:
+        env = {**env_service.environment_of(session, user_id), **body.env}
+    prepared = _Prepared(life, cid, args, env, body)
+    if body.user is not None:
+        try:
+            prepared.user = resolve_user(life.node.files(cid), body.user)
+        except FileError as exc:
+            raise ValidationFailed(f"user: {exc}") from None
+        except NodeError:
+            raise Conflict("VM is not running", code="vm_not_running") from None
+    return prepared
+
+
+@router.post(
+    "/{vm_id}/exec",
+    response_model=ExecOut,
+    summary="Run a command",
+    description="Runs the command to completion and answers its exit code and output. stdout and stderr are "
+    "each capped at 1 MiB here (the `*_truncated` flags say when); use /exec/stream for more. Your /v1/env "
+    "variables are in its environment. On timeout the whole process tree is killed and exit_code is 124.",
+    responses=errors(*AUTHED, 404, 409, 422),
+)
+def exec_command(vm_id: VmId, body: ExecRequest, who: PrincipalDep, st: StateDep) -> ExecOut:
+    prepared = _prepare(st, who.user_id, vm_id, body)
+    out = {"stdout": bytearray(), "stderr": bytearray()}
+    truncated = {"stdout": False, "stderr": False}
+    result = Exit(-1, False, 0)
+    for event in prepared.events():
+        if isinstance(event, Output):
+            buf = out[event.stream]
+            room = OUTPUT_CAP - len(buf)
+            if len(event.data) > room:
+                truncated[event.stream] = True
+            buf += event.data[: max(room, 0)]
+        else:
+            result = event
+    return ExecOut(
+        exit_code=result.exit_code,
+        stdout=out["stdout"].decode(errors="replace"),
+        stderr=out["stderr"].decode(errors="replace"),
+        stdout_truncated=truncated["stdout"],
+        stderr_truncated=truncated["stderr"],
+        timed_out=result.timed_out,
+        duration_ms=result.duration_ms,
+    )
+
+
+def _sse(event: str, data: dict[str, object]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+@router.post(
+    "/{vm_id}/exec/stream",
+    summary="Run a command, streaming its output",
+    description='Server-Sent Events as the process writes: `stdout` and `stderr` events (`{"data": text}`), '
+    'then one `exit` event (`{"exit_code", "timed_out", "duration_ms"}`). No output cap. Closing the '
+    "connection kills the command's process tree.",
+    responses={200: {"content": {"text/event-stream": {}}}, **errors(*AUTHED, 404, 409, 422)},
+)
+def exec_stream(vm_id: VmId, body: ExecRequest, who: PrincipalDep, st: StateDep) -> StreamingResponse:
+    prepared = _prepare(st, who.user_id, vm_id, body)
+
+    def stream() -> Iterator[bytes]:
+        decoders = {s: codecs.getincrementaldecoder("utf-8")(errors="replace") for s in ("stdout", "stderr")}
+        events = prepared.events()
+        try:
+            for event in events:
+                if isinstance(event, Output):
+                    text = decoders[event.stream].decode(event.data)
+                    if text:
+                        yield _sse(event.stream, {"data": text})
+                else:
+                    for name, dec in decoders.items():
+                        tail = dec.decode(b"", final=True)
+                        if tail:
+                            yield _sse(name, {"data": tail})
+                    yield _sse(
+                        "exit",
+                        {
+                            "exit_code": event.exit_code,
+                            "timed_out": event.timed_out,
+                            "duration_ms": event.duration_ms,
+                        },
+                    )
+        finally:
+            events.close()  # type: ignore[attr-defined]
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+def _mode(raw: str) -> int:
+    if not raw or len(raw) > 5 or any(c not in "01234567" for c in raw):
+        raise InvalidParameter("mode must be octal permission bits, like 0644")
+    return int(raw, 8)
+
+
+@router.post(
+    "/{vm_id}/files/upload",
+    response_model=UploadOut,
+    status_code=201,
+    summary="Upload a file",
+    description="The raw request body becomes the file at `path` (any size, streamed; replaced if it exists, "
+    "atomically). `mode` sets its permissions (default 0644); missing parent directories are created unless "
+    "`parents=false`. Paths resolve inside the sandbox's root: `..` and symlinks never leave it. A write past "
+    "the VM's `disk_mib` answers 507 `disk_full` and leaves no partial file.",
+    responses=errors(*AUTHED, 404, 409),
+)
+async def upload_file(
+    vm_id: VmId,
+    request: Request,
+    who: PrincipalDep,
+    st: StateDep,
+    path: FilePath,
+    mode: Annotated[str, Query(description="Octal permissions")] = "0644",
+    parents: Annotated[bool, Query(description="Create missing parent directories")] = True,
+) -> UploadOut:
+    life = lifecycle_of(st)
+    bits = _mode(mode)
+    try:
+        target = normalise(path)
+    except FileError as exc:
+        raise file_error(exc) from None
+    files = await run_in_threadpool(_files, life, who.user_id, vm_id)
+    chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=16)
+
+    def feed() -> Iterator[bytes]:
+        while (chunk := chunks.get()) is not None:
+            if isinstance(chunk, BaseException):
+                raise UploadAborted from chunk  # the client went away: no partial file is kept
+            yield chunk
+
+    async def put(item: bytes | BaseException | None) -> None:
+        while not writer.done():
+            try:
+                chunks.put_nowait(item)
+                return
+            except queue.Full:
+                await asyncio.sleep(0.001)
+
+    loop = asyncio.get_running_loop()
+    writer = loop.run_in_executor(None, lambda: files.write(target, feed(), mode=bits, parents=parents))
+    try:
+        async for chunk in request.stream():
+            if chunk:
+                await put(chunk)
+            if writer.done():
+                break
+    except BaseException as exc:
+        await put(exc)
+        raise
+    await put(None)
+    try:
+        size = await writer
+    except FileError as exc:
+        raise file_error(exc) from None
+    return UploadOut(path=target, size=size)
+
+
+@router.get(
+    "/{vm_id}/files/download",
+    summary="Download a file",
+    description="Streams the regular file at `path`.",
+    responses={200: {"content": {"application/octet-stream": {}}}, **errors(*AUTHED, 404, 409)},
+)
+def download_file(vm_id: VmId, who: PrincipalDep, st: StateDep, path: FilePath) -> StreamingResponse:
+    life = lifecycle_of(st)
+    files = _files(life, who.user_id, vm_id)
+    try:
+        size, chunks = files.read(path)
+    except FileError as exc:
+        raise file_error(exc) from None
+    name = normalise(path).rsplit("/", 1)[-1] or "file"
+    return StreamingResponse(
+        chunks,
+        media_type="application/octet-stream",
+        headers={"Content-Length": str(size), "Content-Disposition": f'attachment; filename="{_safe(name)}"'},
+    )
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:200]
+
+
+@router.get(
+    "/{vm_id}/files",
+    response_model=FileListOut,
+    summary="List a directory",
+    description="Entries of the directory at `path`, by name: `type` file/directory/symlink/other, `size`, "
+    "`mode` (octal) and `mtime`.",
+    responses=errors(*AUTHED, 404, 409),
+)
+def list_files(vm_id: VmId, who: PrincipalDep, st: StateDep, path: FilePath = "/") -> FileListOut:
+    life = lifecycle_of(st)
+    files = _files(life, who.user_id, vm_id)
+    try:
+        entries = files.list(path)
+    except FileError as exc:
+        raise file_error(exc) from None
+    return FileListOut(
+        path=normalise(path),
+        data=[
+            FileEntryOut(name=e.name, type=e.type, size=e.size, mode=e.mode, mtime=e.mtime) for e in entries
+        ],
+    )

@@ -1,0 +1,201 @@
+"""VMs: ``/v1/vms`` (the iron.sh reference) and images: ``/v1/images``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Response
+from starlette.concurrency import run_in_threadpool
+
+from corral.api.deps import PrincipalDep, StateDep
+from corral.api.routers.common import AUTHED, Cursor, Limit, SortOrder, errors
+from corral.api.schemas import ImageOut, ListEnvelope, VmCreateRequest, VmOut
+from corral.domain.errors import InvalidParameter, NotFound
+from corral.domain.ids import Prefix, has_prefix
+from corral.domain.pagination import page_request
+from corral.domain.vm_states import Detail, Status, status_of
+from corral.services import vms
+from corral.services.lifecycle import Lifecycle, NodeUnavailable
+from corral.store.db import transaction
+from corral.store.tables import Vm
+
+router = APIRouter(prefix="/v1/vms", tags=["vms"])
+images_router = APIRouter(prefix="/v1/images", tags=["images"])
+VmId = Annotated[str, Path(description="The VM ID, e.g. vm_k3mf9xvw2p")]
+
+
+def lifecycle_of(st: StateDep) -> Lifecycle:
+    if st.lifecycle is None:
+        raise NodeUnavailable("This server runs no sandboxes (CORRAL_NODE=off)")
+    return st.lifecycle
+
+
+def vm_out(row: Vm) -> VmOut:
+    detail = Detail(row.status_detail)
+    return VmOut.model_validate(
+        {
+            "id": row.id,
+            "name": row.name,
+            "status": status_of(detail).value,
+            "status_detail": detail.value,
+            "created_at": row.created_at,
+            "updated_at": row.updated_at,
+            "image": row.image,
+            "vcpus": row.vcpus,
+            "mem_mib": row.mem_mib,
+            "disk_mib": row.disk_mib,
+            "snapshot_id": row.snapshot_id,
+            "create_ms": row.create_ms,
+            "failure_reason": row.failure_reason if detail is Detail.FAILED else None,
+        }
+    )
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=VmOut,
+    summary="Create a VM",
+    description="Answers at once with `pending`/`queued`; poll GET /v1/vms/{vm_id} until `running`/`ready`. "
+    "A VM with the default image and resources is handed over from the warm pool (a few ms); others boot cold.",
+    responses=errors(*AUTHED, 404, 409, 422),
+)
+def create_vm(body: VmCreateRequest, who: PrincipalDep, st: StateDep) -> VmOut:
+    life = lifecycle_of(st)
+    new = vms.validate_new(
+        vms.NewVm(
+            name=body.name,
+            public_key=body.public_key,
+            image=body.image or life.default_image,
+            vcpus=body.vcpus,
+            mem_mib=body.mem_mib,
+            disk_mib=body.disk_mib,
+            snapshot_id=body.snapshot_id,
+        ),
+        life.limits,
+    )
+    if new.snapshot_id is not None:
+        raise NotFound(f"No snapshot with ID {new.snapshot_id}", code="snapshot_not_found")
+    life.check_image(new.image)
+    with transaction(st.sessions) as session:
+        row = vms.create_vm(session, st.services.clock, who.user_id, new)
+    life.submit_boot(row.id)
+    return vm_out(row)
+
+
+def _enum[E: (Status, Detail)](kind: type[E], name: str, raw: str | None) -> E | None:
+    if raw is None:
+        return None
+    try:
+        return kind(raw)
+    except ValueError:
+        raise InvalidParameter(f"{name} must be one of: {', '.join(m.value for m in kind)}") from None
+
+
+@router.get(
+    "",
+    response_model=ListEnvelope[VmOut],
+    summary="List VMs",
+    description="Newest first by default. `limit` defaults to 20, at most 100.",
+    responses=errors(*AUTHED),
+)
+def list_vms(
+    who: PrincipalDep,
+    st: StateDep,
+    status: Annotated[str | None, Query(description="pending, running, stopped, destroyed, failed")] = None,
+    status_detail: Annotated[
+        str | None,
+        Query(
+            description="queued, creating, starting, running, ready, stopping, stopped, destroying, destroyed, failed"
+        ),
+    ] = None,
+    name: Annotated[str | None, Query(description="Exact name")] = None,
+    cursor: Cursor = None,
+    limit: Limit = None,
+    sort: Annotated[str | None, Query(description="created_at, updated_at or name")] = None,
+    order: SortOrder = None,
+) -> ListEnvelope[VmOut]:
+    request = page_request(vms.LIST, limit=limit, cursor=cursor, sort=sort, order=order)
+    with st.sessions() as session:
+        page = vms.list_vms(
+            session,
+            who.user_id,
+            request,
+            status=_enum(Status, "status", status),
+            detail=_enum(Detail, "status_detail", status_detail),
+            name=name,
+        )
+        data = [vm_out(row) for row in page.data]
+    return ListEnvelope[VmOut](data=data, has_more=page.has_more, cursor=page.cursor)
+
+
+@router.get("/{vm_id}", response_model=VmOut, summary="Get a VM", responses=errors(*AUTHED, 404))
+def get_vm(vm_id: VmId, who: PrincipalDep, st: StateDep) -> VmOut:
+    with st.sessions() as session:
+        return vm_out(vms.get_vm(session, who.user_id, vm_id))
+
+
+@router.delete(
+    "/{vm_id}",
+    status_code=204,
+    response_class=Response,
+    summary="Destroy a VM",
+    description="The VM must be stopped (or failed). Removes its sandbox, mounts, cgroups and disk; the record "
+    "stays as `destroyed`.",
+    responses=errors(*AUTHED, 404, 409),
+)
+async def destroy_vm(vm_id: VmId, who: PrincipalDep, st: StateDep) -> Response:
+    life = lifecycle_of(st)
+    await run_in_threadpool(life.destroy, who.user_id, vm_id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{vm_id}/start",
+    response_model=VmOut,
+    summary="Start a VM",
+    description="Boots a stopped VM again from its disk. Returns the VM, `running`.",
+    responses=errors(*AUTHED, 404, 409),
+)
+async def start_vm(vm_id: VmId, who: PrincipalDep, st: StateDep) -> VmOut:
+    life = lifecycle_of(st)
+    return vm_out(await run_in_threadpool(life.start, who.user_id, vm_id))
+
+
+@router.post(
+    "/{vm_id}/stop",
+    response_model=VmOut,
+    summary="Stop a VM",
+    description="Kills every process and keeps the disk. Returns the VM, `stopped`.",
+    responses=errors(*AUTHED, 404, 409),
+)
+async def stop_vm(vm_id: VmId, who: PrincipalDep, st: StateDep) -> VmOut:
+    life = lifecycle_of(st)
+    return vm_out(await run_in_threadpool(life.stop, who.user_id, vm_id))
+
+
+@images_router.get(
+    "",
+    response_model=ListEnvelope[ImageOut],
+    summary="List images",
+    description="The images on this node. Add one with `corral image build` or `corral image import`.",
+    responses=errors(*AUTHED),
+)
+def list_images(who: PrincipalDep, st: StateDep) -> ListEnvelope[ImageOut]:
+    life = lifecycle_of(st)
+    data = [
+        ImageOut(
+            name=i.name,
+            size_bytes=i.size_bytes,
+            created_at=i.created_at,
+            source=i.source,
+            default=i.name == life.default_image,
+        )
+        for i in life.node.images.all()
+    ]
+    return ListEnvelope[ImageOut](data=data, has_more=False, cursor=None)
+
+
+def check_vm_id(vm_id: str) -> None:
+    if not has_prefix(vm_id, Prefix.VM):
+        raise vms.vm_not_found(vm_id)

@@ -1,0 +1,236 @@
+"""``corral vm ...``: VMs through the API, with the saved login (or CORRAL_URL / CORRAL_API_KEY)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from corral.cli import credentials
+
+app = typer.Typer(help="Create, use and remove VMs.", no_args_is_help=True)
+out = Console()
+err = Console(stderr=True)
+
+
+def _client() -> httpx.Client:
+    creds = credentials.load()
+    if not creds.api_key:
+        err.print("Not logged in: run `corral login` or set CORRAL_API_KEY.")
+        raise typer.Exit(1)
+    return httpx.Client(
+        base_url=creds.url,
+        headers={"Authorization": f"Bearer {creds.api_key}"},
+        timeout=httpx.Timeout(30.0, read=None),
+    )
+
+
+def _check(resp: httpx.Response) -> Any:
+    if resp.is_success:
+        return resp.json() if resp.content else None
+    try:
+        error = resp.json()["error"]
+        message = f"{error['code']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        message = resp.text[:200]
+    err.print(f"[red]Error {resp.status_code}[/red] {message}")
+    raise typer.Exit(1)
+
+
+def _resolve(client: httpx.Client, ref: str) -> str:
+    """A VM id, or the id of the live VM with that name."""
+    if ref.startswith("vm_"):
+        return ref
+    page = _check(client.get("/v1/vms", params={"name": ref, "limit": 100}))
+    live = [vm for vm in page["data"] if vm["status"] != "destroyed"]
+    if not live:
+        err.print(f"[red]No VM named {ref}[/red]")
+        raise typer.Exit(1)
+    return str(live[0]["id"])
+
+
+def _show(vm: dict[str, Any]) -> None:
+    out.print_json(json.dumps(vm))
+
+
+@app.command()
+def create(
+    name: Annotated[str, typer.Argument(help="VM name")],
+    public_key: Annotated[Path, typer.Option(help="SSH public key file")] = Path.home()
+    / ".ssh"
+    / "id_ed25519.pub",
+    image: Annotated[str | None, typer.Option(help="Image (default: the server's)")] = None,
+    vcpus: Annotated[int | None, typer.Option()] = None,
+    mem_mib: Annotated[int | None, typer.Option()] = None,
+    disk_mib: Annotated[int | None, typer.Option()] = None,
+    wait: Annotated[bool, typer.Option(help="Wait until the VM is ready")] = True,
+) -> None:
+    """Create a VM (and wait until it is ready)."""
+    try:
+        key = public_key.read_text().strip()
+    except OSError:
+        err.print(f"[red]Cannot read {public_key}; pass --public-key FILE[/red]")
+        raise typer.Exit(1) from None
+    body: dict[str, Any] = {"name": name, "public_key": key}
+    for field, value in (("image", image), ("vcpus", vcpus), ("mem_mib", mem_mib), ("disk_mib", disk_mib)):
+        if value is not None:
+            body[field] = value
+    with _client() as client:
+        vm = _check(client.post("/v1/vms", json=body))
+        deadline = time.monotonic() + 120
+        while wait and vm["status"] == "pending" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            vm = _check(client.get(f"/v1/vms/{vm['id']}"))
+    _show(vm)
+    if vm["status"] == "failed":
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_(
+    status: Annotated[str | None, typer.Option(help="pending, running, stopped, destroyed, failed")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Include destroyed VMs")] = False,
+) -> None:
+    """List your VMs."""
+    params: dict[str, Any] = {"limit": 100}
+    if status:
+        params["status"] = status
+    table = Table("ID", "NAME", "STATUS", "DETAIL", "IMAGE", "CREATED")
+    with _client() as client:
+        while True:
+            page = _check(client.get("/v1/vms", params=params))
+            for vm in page["data"]:
+                if vm["status"] == "destroyed" and not (all_ or status):
+                    continue
+                table.add_row(
+                    vm["id"], vm["name"], vm["status"], vm["status_detail"], vm["image"], vm["created_at"]
+                )
+            if not page["has_more"]:
+                break
+            params["cursor"] = page["cursor"]
+    out.print(table)
+
+
+@app.command()
+def get(vm: Annotated[str, typer.Argument(help="VM id or name")]) -> None:
+    """Show a VM."""
+    with _client() as client:
+        _show(_check(client.get(f"/v1/vms/{_resolve(client, vm)}")))
+
+
+@app.command()
+def stop(vm: Annotated[str, typer.Argument(help="VM id or name")]) -> None:
+    """Stop a VM (keeps its disk)."""
+    with _client() as client:
+        _show(_check(client.post(f"/v1/vms/{_resolve(client, vm)}/stop")))
+
+
+@app.command()
+def start(vm: Annotated[str, typer.Argument(help="VM id or name")]) -> None:
+    """Start a stopped VM."""
+    with _client() as client:
+        _show(_check(client.post(f"/v1/vms/{_resolve(client, vm)}/start")))
+
+
+@app.command()
+def destroy(
+    vm: Annotated[str, typer.Argument(help="VM id or name")],
+    force: Annotated[bool, typer.Option("--force", help="Stop it first if it runs")] = False,
+) -> None:
+    """Destroy a stopped VM."""
+    with _client() as client:
+        vm_id = _resolve(client, vm)
+        if force and _check(client.get(f"/v1/vms/{vm_id}"))["status"] == "running":
+            _check(client.post(f"/v1/vms/{vm_id}/stop"))
+        _check(client.delete(f"/v1/vms/{vm_id}"))
+    err.print(f"{vm_id} destroyed")
+
+
+@app.command("exec")
+def exec_(
+    vm: Annotated[str, typer.Argument(help="VM id or name")],
+    command: Annotated[list[str], typer.Argument(help="The command and its arguments")],
+    timeout: Annotated[float, typer.Option(help="Seconds")] = 600,
+    cwd: Annotated[str | None, typer.Option()] = None,
+    user: Annotated[str | None, typer.Option()] = None,
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")] = None,
+) -> None:
+    """Run a command in a VM, streaming its output; exits with the command's exit code."""
+    body: dict[str, Any] = {"command": command, "timeout": timeout}
+    if cwd:
+        body["cwd"] = cwd
+    if user:
+        body["user"] = user
+    if env:
+        body["env"] = dict(item.split("=", 1) for item in env if "=" in item)
+    code = 1
+    with _client() as client:
+        vm_id = _resolve(client, vm)
+        with client.stream("POST", f"/v1/vms/{vm_id}/exec/stream", json=body) as resp:
+            if not resp.is_success:
+                resp.read()
+                _check(resp)
+            event = ""
+            for line in resp.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    data = json.loads(line[6:])
+                    if event == "stdout":
+                        sys.stdout.write(data["data"])
+                        sys.stdout.flush()
+                    elif event == "stderr":
+                        sys.stderr.write(data["data"])
+                        sys.stderr.flush()
+                    elif event == "exit":
+                        code = int(data["exit_code"])
+    raise typer.Exit(code)
+
+
+@app.command()
+def cp(
+    source: Annotated[str, typer.Argument(help="LOCAL_PATH or VM:PATH")],
+    dest: Annotated[str, typer.Argument(help="VM:PATH or LOCAL_PATH")],
+) -> None:
+    """Copy a file into a VM (`corral vm cp f.txt myvm:/root/f.txt`) or out of it (`myvm:/etc/os-release .`)."""
+    with _client() as client:
+        if ":" in source and not Path(source).exists():
+            ref, _, remote = source.partition(":")
+            vm_id = _resolve(client, ref)
+            target = Path(dest)
+            if target.is_dir():
+                target = target / Path(remote).name
+            with client.stream("GET", f"/v1/vms/{vm_id}/files/download", params={"path": remote}) as resp:
+                if not resp.is_success:
+                    resp.read()
+                    _check(resp)
+                with open(target, "wb") as f:
+                    for chunk in resp.iter_bytes():
+                        f.write(chunk)
+            err.print(f"{remote} -> {target}")
+            return
+        ref, sep, remote = dest.partition(":")
+        if not sep:
+            err.print("[red]One side must be VM:PATH[/red]")
+            raise typer.Exit(2)
+        vm_id = _resolve(client, ref)
+        local = Path(source)
+        if remote.endswith("/"):
+            remote += local.name
+        mode = f"{local.stat().st_mode & 0o7777:04o}"
+        with open(local, "rb") as f:
+            result = _check(
+                client.post(
+                    f"/v1/vms/{vm_id}/files/upload",
+                    params={"path": remote, "mode": mode},
+                    content=iter(lambda: f.read(1 << 20), b""),
+                )
+            )
+        err.print(f"{local} -> {vm_id}:{result['path']} ({result['size']} bytes)")

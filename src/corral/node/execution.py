@@ -1,0 +1,181 @@
+"""Running one command in a sandbox: its output as it is written, its exit, and a timeout that kills the
+whole process tree (everything in the command's session, which the runtime makes it lead)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+TIMEOUT_EXIT_CODE = 124  # like coreutils' timeout
+
+
+@dataclass(frozen=True)
+class Output:
+    stream: str  # stdout | stderr
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Exit:
+    exit_code: int
+    timed_out: bool
+    duration_ms: int
+
+
+Event = Output | Exit
+
+
+class Spawner(Protocol):
+    def spawn_process(
+        self,
+        cid: str,
+        args: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        pid_file: Path | None = None,
+    ) -> subprocess.Popen[bytes]: ...
+
+    def sandbox_pids(self, cid: str) -> set[int]: ...
+
+
+def shell_argv(command: str | Sequence[str]) -> list[str]:
+    """A shell string runs under ``/bin/sh -c``; an argv list runs as given."""
+    if isinstance(command, str):
+        return ["/bin/sh", "-c", command]
+    return list(command)
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def tree_of(leader: int, candidates: set[int]) -> set[int]:
+    """The processes among ``candidates`` in ``leader``'s session or descended from it."""
+    tree = {p for p in candidates if _session_of(p) == leader}
+    for p in candidates - tree:
+        q: int | None = p
+        for _ in range(64):
+            q = _parent_of(q) if q else None
+            if q is None or q <= 1:
+                break
+            if q == leader or q in tree:
+                tree.add(p)
+                break
+    return tree
+
+
+def kill_tree(node: Spawner, cid: str, leader: int | None) -> None:
+    if leader is None:
+        return
+    for _ in range(3):  # processes forked while we kill: go again until none is left
+        victims = tree_of(leader, node.sandbox_pids(cid))
+        if not victims:
+            return
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
+
+
+def run_streaming(
+    node: Spawner,
+    cid: str,
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    user: str | None = None,
+    timeout: float = 60.0,
+) -> Iterator[Event]:
+    """Run ``args`` in sandbox ``cid``; yield output chunks as they arrive, then one Exit."""
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="corral-exec-") as tmp:
+        pid_file = Path(tmp) / "pid"
+        proc = node.spawn_process(cid, args, env=env, cwd=cwd, user=user, pid_file=pid_file)
+        leader: int | None = None
+        timed_out = False
+        sel = selectors.DefaultSelector()
+        streams = {"stdout": proc.stdout, "stderr": proc.stderr}
+        for name, stream in streams.items():
+            assert stream is not None
+            fd = stream.fileno()
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ, name)
+        open_fds = len(streams)
+        deadline = start + timeout
+        try:
+            while open_fds:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 and not timed_out:
+                    timed_out = True
+                    leader = leader or _read_pid(pid_file)
+                    kill_tree(node, cid, leader)
+                    deadline = time.monotonic() + 2.0  # drain what is left, then stop waiting
+                    continue
+                if remaining <= 0:
+                    break
+                for key, _ in sel.select(timeout=min(remaining, 1.0)):
+                    try:
+                        data = os.read(key.fd, 65536)
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        sel.unregister(key.fd)
+                        open_fds -= 1
+                        continue
+                    yield Output(str(key.data), data)
+                if leader is None:
+                    leader = _read_pid(pid_file)
+            if not timed_out:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    kill_tree(node, cid, leader or _read_pid(pid_file))
+        finally:
+            sel.close()
+            if proc.poll() is None:
+                # timed out, or the reader went away (client disconnected): end the command's tree, and let
+                # the runtime's exec process exit by itself (killing it would leave its child unreaped)
+                kill_tree(node, cid, leader or _read_pid(pid_file))
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            code = proc.wait()
+        duration = int((time.monotonic() - start) * 1000)
+        if timed_out:
+            yield Exit(TIMEOUT_EXIT_CODE, True, duration)
+        else:
+            yield Exit(code if code >= 0 else 128 - code, False, duration)
+
+
+def _read_pid(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,231 @@
+"""Files inside a running sandbox, reached from the host through ``/proc/<init>/root`` with openat2's
+RESOLVE_IN_ROOT: ``..``, absolute symlinks and links pointing out all resolve inside the sandbox's root (and
+its own mounts), never on the host. New files and directories belong to the sandbox's root user."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from corral.runtime.syscalls import openat2
+
+CHUNK = 256 * 1024
+
+
+class FileError(Exception):
+    """A file operation failed for a reason the user can fix; ``kind`` picks the API error."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # not_found | not_a_directory | is_a_directory | exists | disk_full | invalid
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    type: str  # file | directory | symlink | other
+    size: int
+    mode: str  # octal permission bits, e.g. "0644"
+    mtime: datetime
+
+
+def normalise(path: str) -> str:
+    """A sandbox path: absolute, no NUL; relative paths are taken from ``/``."""
+    if not path or "\x00" in path or len(path) > 4096:
+        raise FileError("invalid", "path must be a non-empty path without NUL, at most 4096 characters")
+    return "/" + path.lstrip("/")
+
+
+def _translate(exc: OSError, path: str) -> FileError:
+    kinds = {
+        errno.ENOENT: ("not_found", f"{path} does not exist"),
+        errno.ENOTDIR: ("not_a_directory", f"a parent of {path} is not a directory"),
+        errno.EISDIR: ("is_a_directory", f"{path} is a directory"),
+        errno.EEXIST: ("exists", f"{path} already exists"),
+        errno.EDQUOT: ("disk_full", "the sandbox's disk is full (disk_mib reached)"),
+        errno.ENOSPC: ("disk_full", "the sandbox's disk is full"),
+        errno.ELOOP: ("invalid", f"too many symbolic links resolving {path}"),
+        errno.ENAMETOOLONG: ("invalid", f"{path} is too long"),
+        errno.EXDEV: ("invalid", f"{path} cannot be reached"),
+    }
+    kind, message = kinds.get(exc.errno or 0, ("invalid", f"{path}: {exc.strerror}"))
+    return FileError(kind, message)
+
+
+def _split(path: str) -> tuple[str, str]:
+    parent, _, name = path.rstrip("/").rpartition("/")
+    return parent or "/", name
+
+
+@dataclass(frozen=True)
+class SandboxFiles:
+    """File access to the sandbox whose init has host PID ``pid``; new files are owned by ``uid``:``gid``."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    def _root(self) -> int:
+        try:
+            return os.open(f"/proc/{self.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise FileError("not_running", "the sandbox is not running") from exc
+
+    def _open(self, path: str, flags: int, mode: int = 0) -> int:
+        root = self._root()
+        try:
+            return openat2(root, path, flags, mode)
+        except OSError as exc:
+            raise _translate(exc, path) from None
+        finally:
+            os.close(root)
+
+    def _mkdirs(self, path: str) -> None:
+        """Create every missing directory of ``path`` (like ``mkdir -p``), each confined to the root."""
+        parts = [p for p in path.split("/") if p]
+        current = ""
+        for part in parts:
+            current += "/" + part
+            parent, name = _split(current)
+            dfd = self._open(parent, os.O_PATH | os.O_DIRECTORY)
+            try:
+                os.mkdir(name, 0o755, dir_fd=dfd)
+                os.chown(name, self.uid, self.gid, dir_fd=dfd, follow_symlinks=False)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise _translate(exc, current) from None
+            finally:
+                os.close(dfd)
+
+    def write(self, path: str, chunks: Iterable[bytes], *, mode: int = 0o644, parents: bool = False) -> int:
+        """Write a file from ``chunks`` (replacing it); return the bytes written. A failed write leaves no
+        partial file under ``path``: data goes to a temporary name first and is renamed into place."""
+        path = normalise(path)
+        parent, name = _split(path)
+        if not name or name in (".", ".."):
+            raise FileError("invalid", f"{path} names a directory, not a file")
+        if parents:
+            self._mkdirs(parent)
+        dfd = self._open(parent, os.O_PATH | os.O_DIRECTORY)
+        tmp = f".{name}.corral-upload-{os.getpid()}-{id(chunks)}"
+        written = 0
+        try:
+            try:
+                existing = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if stat.S_ISDIR(existing.st_mode):
+                    raise FileError("is_a_directory", f"{path} is a directory")
+            except FileNotFoundError:
+                pass
+            try:
+                fd = os.open(
+                    tmp,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=dfd,
+                )
+            except OSError as exc:
+                raise _translate(exc, path) from None
+            try:
+                with os.fdopen(fd, "wb", closefd=True) as f:
+                    for chunk in chunks:
+                        f.write(chunk)
+                        written += len(chunk)
+                    f.flush()
+                    os.fchown(f.fileno(), self.uid, self.gid)
+                    os.fchmod(f.fileno(), mode & 0o7777)
+                os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except BaseException as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+                if isinstance(exc, OSError):
+                    raise _translate(exc, path) from None
+                raise
+        finally:
+            os.close(dfd)
+        return written
+
+    def read(self, path: str) -> tuple[int, Iterator[bytes]]:
+        """(size, chunks) of a regular file; the file is opened now, so errors surface before streaming."""
+        path = normalise(path)
+        fd = self._open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            kind = "is_a_directory" if stat.S_ISDIR(st.st_mode) else "invalid"
+            raise FileError(kind, f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                while data := os.read(fd, CHUNK):
+                    yield data
+            finally:
+                os.close(fd)
+
+        return st.st_size, chunks()
+
+    def list(self, path: str) -> list[Entry]:
+        path = normalise(path)
+        fd = self._open(path, os.O_RDONLY | os.O_DIRECTORY)
+        entries: list[Entry] = []
+        try:
+            for name in os.listdir(fd):
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except OSError:
+                    continue
+                entries.append(
+                    Entry(
+                        name=name,
+                        type=_kind(st.st_mode),
+                        size=st.st_size,
+                        mode=f"{stat.S_IMODE(st.st_mode):04o}",
+                        mtime=datetime.fromtimestamp(st.st_mtime, UTC),
+                    )
+                )
+        finally:
+            os.close(fd)
+        return sorted(entries, key=lambda e: e.name)
+
+    def read_small(self, path: str, limit: int = 1 << 20) -> bytes:
+        _size, chunks = self.read(path)
+        data = b""
+        for chunk in chunks:
+            data += chunk
+            if len(data) > limit:
+                break
+        return data[:limit]
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "other"
+
+
+def resolve_user(files: SandboxFiles, user: str) -> str:
+    """``uid[:gid]`` for crun/runc from a numeric id or a user name in the sandbox's /etc/passwd."""
+    head, _, group = user.partition(":")
+    if head.isdigit() and (not group or group.isdigit()):
+        if int(head) > 65535 or (group and int(group) > 65535):
+            raise FileError("invalid", "user ids inside a sandbox are 0-65535")
+        return user
+    try:
+        passwd = files.read_small("/etc/passwd").decode(errors="replace")
+    except FileError:
+        passwd = ""
+    for line in passwd.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 4 and fields[0] == head:
+            return f"{fields[2]}:{group if group.isdigit() else fields[3]}"
+    raise FileError("invalid", f"no user {head!r} in the sandbox")

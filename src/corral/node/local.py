@@ -1,0 +1,252 @@
+"""The node on this host: boots, stops and removes sandboxes, runs processes in them, and reports what
+exists on the host (for reconciliation). Every step that creates something has its undo, and a failed boot
+undoes what it made."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from corral.node.files import SandboxFiles
+from corral.runtime import cgroups, rootfs
+from corral.runtime.argv import RuntimeCli
+from corral.runtime.disk import DiskPool
+from corral.runtime.driver import OciRuntime
+from corral.runtime.images import Image, ImageStore
+from corral.runtime.proc import run
+from corral.runtime.seccomp import default_profile
+from corral.runtime.spec import DEFAULT_PATH, IdRange, Limits, Runtime, SandboxSpec, build_config
+
+INIT_PATH = "/.corral/init"
+GIB = 1024**3
+
+
+class NodeError(Exception):
+    """A sandbox operation failed on the host; the message is safe to show to the sandbox's owner."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    root: Path  # the node's state: runtime state, bundles, disk pool
+    images_dir: Path
+    runtime: Runtime = Runtime.CRUN
+    id_base: int = 100000
+    id_size: int = 65536
+    disk_pool_bytes: int = 64 * GIB  # sparse: only what sandboxes write takes space
+    init_binary: str = "/usr/bin/catatonit"
+    runtime_binary: str | None = None
+
+
+@dataclass(frozen=True)
+class Resources:
+    vcpus: float
+    mem_mib: int
+    disk_mib: int
+    pids: int = 4096
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What exists on the host for this node, by container id."""
+
+    containers: dict[str, str]  # id -> runtime status (running, stopped, created, ...)
+    volumes: set[str]
+    bundles: set[str]
+    cgroups: set[str]
+    mounts: set[str]
+
+
+@dataclass
+class LocalNode:
+    config: NodeConfig
+    images: ImageStore = field(init=False)
+    runtime: OciRuntime = field(init=False)
+    disks: DiskPool = field(init=False)
+    node_id: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.images = ImageStore(c.images_dir, c.id_base)
+        binary = c.runtime_binary or shutil.which(c.runtime.value) or f"/usr/bin/{c.runtime.value}"
+        self.runtime = OciRuntime(RuntimeCli(binary, str(c.root / "state")))
+        self.disks = DiskPool(c.root / "disk.img", c.root / "disk", c.disk_pool_bytes)
+
+    # ---- set-up ---------------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Make the host ready (idempotent): cgroup layout crun needs, the disk pool, directories, node id."""
+        c = self.config
+        c.root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        id_file = c.root / "node-id"
+        if not id_file.exists():
+            id_file.write_text(secrets.token_hex(4))
+        self.node_id = id_file.read_text().strip()
+        if c.runtime is Runtime.CRUN:
+            cgroups.ensure_hugetlb_v1()
+        (c.root / "state").mkdir(mode=0o700, exist_ok=True)
+        self.bundles.mkdir(mode=0o711, exist_ok=True)
+        self.disks.ensure()
+        self.images.clean_staging()
+
+    def attach(self) -> None:
+        """Learn the node id of an existing node without changing anything (for ``teardown``)."""
+        id_file = self.config.root / "node-id"
+        if id_file.exists():
+            self.node_id = id_file.read_text().strip()
+
+    @property
+    def bundles(self) -> Path:
+        return self.config.root / "bundles"
+
+    @property
+    def cgroup_parent(self) -> str:
+        return f"corral-{self.node_id}"
+
+    def root_uid(self) -> int:
+        return self.config.id_base
+
+    # ---- sandboxes ------------------------------------------------------------------------------------------
+
+    def boot(self, cid: str, image: Image, res: Resources, hostname: str, *, fresh: bool) -> int:
+        """Boot sandbox ``cid`` from ``image``: on a new disk when ``fresh``, else on its existing disk.
+        Returns the init's host PID. On failure nothing it made is left (a fresh disk is removed too)."""
+        made_volume = False
+        try:
+            if fresh:
+                volume = self.disks.create(cid, res.disk_mib)
+                made_volume = True
+            else:
+                volume = self.disks.path(cid)
+                if not volume.is_dir():
+                    raise NodeError("the sandbox's disk is missing")
+            bundle = self.bundles / cid
+            bundle.mkdir(mode=0o711, exist_ok=True)
+            target = bundle / "rootfs"
+            rootfs.mount_overlay(image.lowers_top_first, volume, target, root_uid=self.root_uid())
+            spec = SandboxSpec(
+                hostname=hostname,
+                rootfs=str(target),
+                ids=IdRange(self.config.id_base, self.config.id_size),
+                limits=Limits(vcpus=res.vcpus, mem_mib=res.mem_mib, pids=res.pids),
+                cgroups_path=f"/{self.cgroup_parent}/{cid}",
+                args=(INIT_PATH, "-P"),
+                env=_env_map(image.env),
+                runtime=self.config.runtime,
+                seccomp=default_profile(),
+                binds=((self.config.init_binary, INIT_PATH),),
+                annotations={"run.corral.node": self.node_id},
+            )
+            (bundle / "config.json").write_text(json.dumps(build_config(spec)))
+            pid = self.runtime.create(cid, bundle)
+            self.runtime.start(cid)
+            return pid
+        except Exception as exc:
+            self.stop(cid)
+            if made_volume:
+                self.disks.delete(cid)
+            if isinstance(exc, NodeError):
+                raise
+            raise NodeError(f"the sandbox failed to boot: {exc}") from exc
+
+    def stop(self, cid: str) -> None:
+        """Kill every process, remove the container, its mounts and cgroups; keep the disk."""
+        self.runtime.delete(cid)
+        bundle = self.bundles / cid
+        for point in rootfs.mounts_under(bundle):
+            rootfs.unmount(point)
+        cgroups.remove(self.cgroup_parent, cid)
+        shutil.rmtree(bundle, ignore_errors=True)
+
+    def destroy(self, cid: str) -> None:
+        """Stop, then delete the disk: nothing of the sandbox is left on the host."""
+        self.stop(cid)
+        self.disks.delete(cid)
+
+    def pid(self, cid: str) -> int | None:
+        state = self.runtime.state(cid)
+        if not state or state.get("status") != "running":
+            return None
+        pid = state.get("pid")
+        return int(pid) if isinstance(pid, int) and pid > 0 else None
+
+    def set_hostname(self, cid: str, hostname: str) -> None:
+        pid = self.pid(cid)
+        if pid is None:
+            raise NodeError("the sandbox is not running")
+        run(["nsenter", "--target", str(pid), "--uts", "hostname", hostname])
+
+    def spawn_process(
+        self,
+        cid: str,
+        args: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        pid_file: Path | None = None,
+    ) -> subprocess.Popen[bytes]:
+        full = {"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "xterm", **(env or {})}
+        return self.runtime.exec_process(cid, args, env=full, cwd=cwd, user=user, pid_file=pid_file)
+
+    def files(self, cid: str) -> SandboxFiles:
+        pid = self.pid(cid)
+        if pid is None:
+            raise NodeError("the sandbox is not running")
+        return SandboxFiles(pid, self.config.id_base, self.config.id_base)
+
+    def sandbox_pids(self, cid: str) -> set[int]:
+        return cgroups.procs(self.cgroup_parent, cid)
+
+    # ---- inventory and clean-up -----------------------------------------------------------------------------
+
+    def inventory(self) -> Inventory:
+        containers: dict[str, str] = {}
+        for cid in self.runtime.names():
+            state = self.runtime.state(cid)
+            containers[cid] = str(state.get("status")) if state else "unknown"
+        bundles = {p.name for p in self.bundles.iterdir()} if self.bundles.is_dir() else set()
+        mounts = {p.parent.name for p in rootfs.mounts_under(self.bundles)}
+        return Inventory(
+            containers=containers,
+            volumes=self.disks.names(),
+            bundles=bundles,
+            cgroups=cgroups.children(self.cgroup_parent),
+            mounts=mounts,
+        )
+
+    def ids_on_host(self) -> set[str]:
+        inv = self.inventory()
+        return set(inv.containers) | inv.volumes | inv.bundles | inv.cgroups | inv.mounts
+
+    def teardown(self) -> None:
+        """Remove every sandbox of this node and unmount the disk pool (``corral node reset``; tests)."""
+        if self.config.root.exists():
+            for cid in self.runtime.names():
+                self.runtime.delete(cid)
+            if self.bundles.is_dir():
+                for point in rootfs.mounts_under(self.bundles):
+                    rootfs.unmount(point)
+                for bundle in self.bundles.iterdir():
+                    shutil.rmtree(bundle, ignore_errors=True)
+        if self.node_id:
+            cgroups.remove(self.cgroup_parent)
+        self.disks.unmount()
+
+
+def _env_map(pairs: Sequence[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if sep and key:
+            env[key] = value
+    return env
+
+
+def make_pid_visible(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")

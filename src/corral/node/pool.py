@@ -1,0 +1,98 @@
+"""A warm pool: sandboxes booted ahead of time from one image with the default resources, so that creating
+a VM is a hand-over instead of a boot. Refilled in the background after every hand-over."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger("corral.pool")
+
+POOL_PREFIX = "wp-"
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    image: str
+    vcpus: int
+    mem_mib: int
+    disk_mib: int
+
+
+class WarmPool:
+    def __init__(
+        self,
+        key: PoolKey,
+        size: int,
+        boot: Callable[[str], None],
+        discard: Callable[[str], None],
+    ) -> None:
+        self.key = key
+        self.size = size
+        self._boot = boot  # boots a sandbox with this container id (raises on failure)
+        self._discard = discard  # destroys one
+        self._ready: deque[str] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.failures = 0
+
+    def start(self) -> None:
+        if self.size < 1 or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._refill_loop, name="corral-warm-pool", daemon=True)
+        self._thread.start()
+        self._wake.set()
+
+    def take(self, key: PoolKey) -> str | None:
+        """A booted sandbox's container id for a VM with ``key``, or None (then boot one cold)."""
+        if key != self.key:
+            return None
+        with self._lock:
+            cid = self._ready.popleft() if self._ready else None
+        self._wake.set()
+        return cid
+
+    def ready_count(self) -> int:
+        with self._lock:
+            return len(self._ready)
+
+    def _refill_loop(self) -> None:
+        while not self._closed:
+            self._wake.wait(timeout=5.0)
+            self._wake.clear()
+            while not self._closed and self.ready_count() < self.size:
+                cid = POOL_PREFIX + secrets.token_hex(6)
+                try:
+                    self._boot(cid)
+                except Exception:
+                    self.failures += 1
+                    log.exception("warm pool: booting a sandbox failed")
+                    self._wake.wait(timeout=min(30.0, 2.0**self.failures))
+                    break
+                self.failures = 0
+                with self._lock:
+                    if self._closed:
+                        self._discard(cid)
+                        return
+                    self._ready.append(cid)
+
+    def close(self) -> None:
+        """Stop refilling and destroy the sandboxes still waiting."""
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        with self._lock:
+            left = list(self._ready)
+            self._ready.clear()
+        for cid in left:
+            try:
+                self._discard(cid)
+            except Exception:
+                log.exception("warm pool: removing %s failed", cid)

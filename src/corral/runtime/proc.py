@@ -1,0 +1,55 @@
+"""The one thin function that runs a host command, and the error it raises. Everything else builds argv as data."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class CommandFailed(RuntimeError):
+    """A host command exited non-zero. ``stderr`` is kept for the operator's log, never shown to API users."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        super().__init__(
+            f"{argv[0]} {argv[1] if len(argv) > 1 else ''} failed ({returncode}): {stderr.strip()}"
+        )
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+def run_detached(argv: Sequence[str], log: Path, *, timeout: float = 60.0) -> None:
+    """Run a command that leaves a process behind (``crun create``): its stdio must not be pipes we wait
+    on, or we would wait for the container's init. stderr goes to ``log``, read back when it fails."""
+    with open(log, "wb") as err:
+        try:
+            done = subprocess.run(
+                list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, timeout=timeout
+            )
+        except FileNotFoundError as exc:
+            raise CommandFailed(argv, 127, f"{argv[0]} is not installed") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise CommandFailed(argv, -9, f"timed out after {timeout} s") from exc
+    if done.returncode != 0:
+        raise CommandFailed(argv, done.returncode, log.read_text(errors="replace")[-4000:])
+
+
+def run(argv: Sequence[str], *, timeout: float = 60.0, input_text: str | None = None) -> str:
+    """Run ``argv`` (never through a shell), return its stdout; raise CommandFailed when it fails."""
+    try:
+        done = subprocess.run(
+            list(argv),
+            input=input_text,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise CommandFailed(argv, 127, f"{argv[0]} is not installed") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise CommandFailed(argv, -9, f"timed out after {timeout} s") from exc
+    if done.returncode != 0:
+        raise CommandFailed(argv, done.returncode, done.stderr)
+    return done.stdout

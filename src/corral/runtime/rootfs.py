@@ -1,0 +1,51 @@
+"""A sandbox's root filesystem: an overlayfs whose lower layers are an image's read-only layers and whose upper
+and work directories live on the sandbox's quota-limited disk volume."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from corral.runtime import syscalls
+
+
+def overlay_options(lowers: Sequence[Path], upper: Path, work: Path) -> str:
+    """Mount data for the overlay. Lower layers are given top-most first, as overlayfs wants them."""
+    if not lowers:
+        raise ValueError("an overlay needs at least one lower layer")
+    for p in (*lowers, upper, work):
+        if "," in str(p) or ":" in str(p):
+            raise ValueError(f"path not usable in overlay options: {p}")
+    lower = ":".join(str(p) for p in lowers)
+    return f"lowerdir={lower},upperdir={upper},workdir={work},index=off,xino=off"
+
+
+def mount_overlay(lowers: Sequence[Path], volume: Path, target: Path, *, root_uid: int) -> None:
+    """Mount the sandbox root at ``target``; ``upper``/``work`` are made inside ``volume`` (kept if present, so
+    a stopped sandbox starts again from the same disk). The upper's root belongs to the sandbox's root."""
+    upper, work = volume / "upper", volume / "work"
+    for d in (upper, work):
+        d.mkdir(mode=0o755, exist_ok=True)
+    os.chown(upper, root_uid, root_uid)
+    target.mkdir(parents=True, exist_ok=True)
+    if os.path.ismount(target):
+        return
+    syscalls.mount("overlay", str(target), "overlay", 0, overlay_options(lowers, upper, work))
+
+
+def unmount(target: Path) -> None:
+    if os.path.ismount(target):
+        syscalls.umount(str(target), lazy=True)
+
+
+def mounts_under(prefix: Path) -> list[Path]:
+    """Mount points at or below ``prefix``, deepest first (the order to unmount them in)."""
+    found: list[Path] = []
+    pre = str(prefix).rstrip("/") + "/"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point.startswith(pre) or point == pre.rstrip("/"):
+                found.append(Path(point))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)

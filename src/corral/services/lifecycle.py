@@ -1,0 +1,323 @@
+"""The VM lifecycle: what happens on the host for each API call and in the background, with the record
+moved through the transition table at each step. Database transactions are short and never held across a
+host operation (SQLite serialises writers)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from corral.domain.clock import Clock
+from corral.domain.errors import Conflict, CorralError, NotFound
+from corral.domain.vm_states import EXECUTABLE, Detail
+from corral.node.local import LocalNode, NodeError, Resources
+from corral.node.pool import PoolKey, WarmPool
+from corral.runtime.images import Image
+from corral.services import vms
+from corral.store.db import transaction
+from corral.store.tables import Vm
+
+log = logging.getLogger("corral.lifecycle")
+
+
+class VmFailed(CorralError):
+    status = 500
+    code = "vm_failed"
+
+
+class NodeUnavailable(CorralError):
+    status = 503
+    code = "node_unavailable"
+
+
+def image_not_found(name: str) -> NotFound:
+    return NotFound(
+        f"No image named {name} on this node. Build it with `corral image build --name {name}` (Debian "
+        f"packages) or import it with `corral image import FILE --name {name}` (an OCI layout or a docker "
+        "save tarball); GET /v1/images lists the images there are.",
+        code="image_not_found",
+    )
+
+
+def hostname_for(vm_id: str) -> str:
+    return vm_id.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    adopted: int
+    failed: int
+    finished: int
+    orphans_removed: int
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        clock: Clock,
+        node: LocalNode,
+        *,
+        default_image: str,
+        limits: vms.ResourceLimits,
+        pool_size: int = 0,
+        workers: int = 8,
+    ) -> None:
+        self.sessions = sessions
+        self.clock = clock
+        self.node = node
+        self.default_image = default_image
+        self.limits = limits
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="corral-vm")
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._created: dict[str, float] = {}
+        self.pool = WarmPool(
+            PoolKey(default_image, limits.default_vcpus, limits.default_mem_mib, limits.default_disk_mib),
+            pool_size,
+            boot=self._boot_pooled,
+            discard=self.node.destroy,
+        )
+
+    # ---- plumbing -------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _vm_lock(self, vm_id: str) -> Iterator[None]:
+        with self._locks_guard:
+            lock = self._locks.setdefault(vm_id, threading.Lock())
+        with lock:
+            yield
+
+    def _load(self, vm_id: str) -> Vm:
+        with self.sessions() as session:
+            row = session.get(Vm, vm_id)
+        if row is None:
+            raise vms.vm_not_found(vm_id)
+        return row
+
+    def _move(self, vm_id: str, target: Detail, *expect: Detail, **fields: object) -> bool:
+        with transaction(self.sessions) as session:
+            return vms.move(session, self.clock, vm_id, target, expect=expect or None, **fields)  # type: ignore[arg-type]
+
+    def _image(self, name: str) -> Image:
+        image = self.node.images.get(name)
+        if image is None:
+            raise image_not_found(name)
+        return image
+
+    @staticmethod
+    def _resources(vm: Vm) -> Resources:
+        return Resources(vcpus=vm.vcpus, mem_mib=vm.mem_mib, disk_mib=vm.disk_mib)
+
+    def start_background(self) -> None:
+        self.pool.start()
+
+    def close(self) -> None:
+        self.pool.close()
+        self._executor.shutdown(wait=True, cancel_futures=False)
+
+    # ---- create ---------------------------------------------------------------------------------------------
+
+    def check_image(self, name: str) -> None:
+        self._image(name)
+
+    def submit_boot(self, vm_id: str) -> Future[None]:
+        self._created[vm_id] = time.monotonic()
+        return self._executor.submit(self._boot_new, vm_id)
+
+    def _boot_pooled(self, cid: str) -> None:
+        key = self.pool.key
+        image = self._image(key.image)
+        self.node.boot(cid, image, Resources(key.vcpus, key.mem_mib, key.disk_mib), cid, fresh=True)
+
+    def _elapsed_ms(self, vm_id: str) -> int | None:
+        started = self._created.pop(vm_id, None)
+        return None if started is None else int((time.monotonic() - started) * 1000)
+
+    def _boot_new(self, vm_id: str) -> None:
+        try:
+            with self._vm_lock(vm_id):
+                vm = self._load(vm_id)
+                if vm.status_detail != Detail.QUEUED.value:
+                    return
+                key = PoolKey(vm.image, vm.vcpus, vm.mem_mib, vm.disk_mib)
+                cid = self.pool.take(key)
+                if cid is not None:
+                    try:
+                        self.node.set_hostname(cid, hostname_for(vm_id))
+                    except Exception:
+                        log.exception("warm pool hand-over failed; booting cold")
+                        self.node.destroy(cid)
+                        cid = None
+                if cid is not None:
+                    self._move(
+                        vm_id,
+                        Detail.READY,
+                        Detail.QUEUED,
+                        container_id=cid,
+                        create_ms=self._elapsed_ms(vm_id),
+                    )
+                    return
+                self._boot_cold(vm)
+        except Exception as exc:  # the record says why; nothing is left on the host
+            log.exception("creating %s failed", vm_id)
+            self._move(
+                vm_id, Detail.FAILED, Detail.QUEUED, Detail.CREATING, Detail.STARTING, reason=_reason(exc)
+            )
+
+    def _boot_cold(self, vm: Vm) -> None:
+        cid = vm.id
+        if not self._move(vm.id, Detail.CREATING, Detail.QUEUED, container_id=cid):
+            return
+        self.node.boot(cid, self._image(vm.image), self._resources(vm), hostname_for(vm.id), fresh=True)
+        self._move(vm.id, Detail.STARTING, Detail.CREATING)
+        self._move(vm.id, Detail.RUNNING, Detail.STARTING)
+        self._move(vm.id, Detail.READY, Detail.RUNNING, create_ms=self._elapsed_ms(vm.id))
+
+    # ---- start / stop / destroy -----------------------------------------------------------------------------
+
+    def start(self, user_id: str, vm_id: str) -> Vm:
+        with self._vm_lock(vm_id):
+            vm = self._owned(user_id, vm_id)
+            detail = Detail(vm.status_detail)
+            if detail in (Detail.RUNNING, Detail.READY):
+                raise Conflict("VM is already running", code="vm_already_running")
+            if detail is not Detail.STOPPED:
+                raise Conflict(
+                    f"VM must be stopped before it can be started (it is {detail})", code="vm_not_stopped"
+                )
+            self._move(vm_id, Detail.STARTING, Detail.STOPPED)
+            try:
+                image = self._image(vm.image)
+                self.node.boot(
+                    vm.container_id or vm.id, image, self._resources(vm), hostname_for(vm_id), fresh=False
+                )
+            except Exception as exc:
+                self._move(vm_id, Detail.FAILED, Detail.STARTING, reason=_reason(exc))
+                raise VmFailed(f"VM failed to start: {_reason(exc)}") from None
+            self._move(vm_id, Detail.RUNNING, Detail.STARTING)
+            self._move(vm_id, Detail.READY, Detail.RUNNING)
+            return self._load(vm_id)
+
+    def stop(self, user_id: str, vm_id: str) -> Vm:
+        with self._vm_lock(vm_id):
+            vm = self._owned(user_id, vm_id)
+            detail = Detail(vm.status_detail)
+            if detail not in (Detail.RUNNING, Detail.READY):
+                raise Conflict(f"VM is not running (it is {detail})", code="vm_not_running")
+            self._move(vm_id, Detail.STOPPING, detail)
+            try:
+                self.node.stop(vm.container_id or vm.id)
+            except Exception as exc:
+                self._move(vm_id, Detail.FAILED, Detail.STOPPING, reason=_reason(exc))
+                raise VmFailed(f"VM failed to stop: {_reason(exc)}") from None
+            self._move(vm_id, Detail.STOPPED, Detail.STOPPING)
+            return self._load(vm_id)
+
+    def destroy(self, user_id: str, vm_id: str) -> None:
+        with self._vm_lock(vm_id):
+            vm = self._owned(user_id, vm_id)
+            detail = Detail(vm.status_detail)
+            if detail is Detail.DESTROYED:
+                raise Conflict("VM is already destroyed", code="vm_destroyed")
+            if detail not in (Detail.STOPPED, Detail.FAILED):
+                raise Conflict("VM must be stopped before it can be destroyed", code="vm_not_stopped")
+            self._move(vm_id, Detail.DESTROYING, detail)
+            try:
+                if vm.container_id:
+                    self.node.destroy(vm.container_id)
+            except Exception as exc:
+                self._move(vm_id, Detail.FAILED, Detail.DESTROYING, reason=_reason(exc))
+                raise VmFailed(f"VM failed to be destroyed: {_reason(exc)}") from None
+            self._move(vm_id, Detail.DESTROYED, Detail.DESTROYING)
+
+    def _owned(self, user_id: str, vm_id: str) -> Vm:
+        with self.sessions() as session:
+            return vms.get_vm(session, user_id, vm_id)
+
+    def running_container(self, user_id: str, vm_id: str) -> str:
+        """The container id of the caller's VM, which must be able to run a command now."""
+        vm = self._owned(user_id, vm_id)
+        if Detail(vm.status_detail) not in EXECUTABLE or not vm.container_id:
+            raise Conflict(f"VM is not running (it is {vm.status_detail})", code="vm_not_running")
+        return vm.container_id
+
+    # ---- reconciliation -------------------------------------------------------------------------------------
+
+    def reconcile(self) -> Reconciled:
+        """Compare the store with the host: adopt what still runs, fail what was lost, finish interrupted
+        stops and destroys, and remove everything on the host no record owns."""
+        inv = self.node.inventory()
+        adopted = failed = finished = 0
+        with self.sessions() as session:
+            rows = vms.active_vms(session)
+        keep: set[str] = set()
+        for vm in rows:
+            detail = Detail(vm.status_detail)
+            cid = vm.container_id
+            running = cid is not None and inv.containers.get(cid) == "running"
+            if detail in (Detail.RUNNING, Detail.READY) and running:
+                adopted += 1
+                keep.add(cid)  # type: ignore[arg-type]
+                continue
+            if detail in (Detail.RUNNING, Detail.READY):
+                self._cleanup(cid, keep_disk=True)
+                self._move(
+                    vm.id,
+                    Detail.FAILED,
+                    detail,
+                    reason="the sandbox was no longer running when the server started",
+                )
+                failed += 1
+            elif detail in (Detail.QUEUED, Detail.CREATING, Detail.STARTING):
+                # a VM that had been ready before (being started again) keeps its disk; a new one has none worth it
+                self._cleanup(cid, keep_disk=vm.create_ms is not None)
+                self._move(
+                    vm.id, Detail.FAILED, detail, reason="the server stopped while the VM was being created"
+                )
+                failed += 1
+            elif detail is Detail.STOPPING:
+                self._cleanup(cid, keep_disk=True)
+                self._move(vm.id, Detail.STOPPED, detail)
+                finished += 1
+            elif detail is Detail.DESTROYING:
+                if cid:
+                    self.node.destroy(cid)
+                self._move(vm.id, Detail.DESTROYED, detail)
+                finished += 1
+                continue
+            else:  # stopped or failed: nothing runs, the disk stays
+                self._cleanup(cid, keep_disk=True)
+            if cid:
+                keep.add(cid)
+        orphans = self.node.ids_on_host() - keep
+        for cid in orphans:
+            try:
+                self.node.destroy(cid)
+            except Exception:
+                log.exception("removing orphan %s failed", cid)
+        self.node.disks.clear_stale()
+        return Reconciled(adopted, failed, finished, len(orphans))
+
+    def _cleanup(self, cid: str | None, *, keep_disk: bool) -> None:
+        if not cid:
+            return
+        if keep_disk:
+            self.node.stop(cid)
+        else:
+            self.node.destroy(cid)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, CorralError):
+        return exc.message
+    if isinstance(exc, NodeError):
+        return str(exc)
+    return f"internal error: {type(exc).__name__}"

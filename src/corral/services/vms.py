@@ -1,0 +1,184 @@
+"""VM records: create, read, list and move through the lifecycle (the transition table decides each move).
+No FastAPI, no host effects: ``corral.services.lifecycle`` drives the node and calls these."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from corral.domain import validation
+from corral.domain.clock import Clock
+from corral.domain.errors import Conflict, NotFound, ValidationFailed, not_found
+from corral.domain.ids import Prefix, has_prefix, new_id
+from corral.domain.pagination import ListSpec, Page, PageRequest
+from corral.domain.vm_states import Detail, Status, check_move, details_of
+from corral.store.paging import SortColumns, paginate
+from corral.store.tables import Vm
+
+LIST = ListSpec(default_limit=20, max_limit=100, sorts=("created_at", "updated_at", "name"))
+_SORTS: SortColumns = {
+    "created_at": (Vm.created_at, datetime),
+    "updated_at": (Vm.updated_at, datetime),
+    "name": (Vm.name, str),
+}
+
+
+@dataclass(frozen=True)
+class ResourceLimits:
+    """Documented defaults and maxima for ``vcpus``, ``mem_mib`` and ``disk_mib``."""
+
+    default_vcpus: int = 1
+    max_vcpus: int = 4
+    default_mem_mib: int = 1024
+    min_mem_mib: int = 64
+    max_mem_mib: int = 8192
+    default_disk_mib: int = 4096
+    min_disk_mib: int = 64
+    max_disk_mib: int = 65536
+
+
+@dataclass(frozen=True)
+class NewVm:
+    name: str
+    public_key: str
+    image: str
+    vcpus: int | None = None
+    mem_mib: int | None = None
+    disk_mib: int | None = None
+    snapshot_id: str | None = None
+
+
+def vm_not_found(vm_id: str) -> NotFound:
+    return not_found("vm", vm_id, label="VM")
+
+
+def _check_range(field: str, value: int, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise ValidationFailed(f"{field} must be between {low} and {high}")
+    return value
+
+
+def validate_new(new: NewVm, limits: ResourceLimits) -> NewVm:
+    try:
+        name = validation.vm_name(new.name)
+        key = validation.ssh_public_key(new.public_key)
+    except ValueError as exc:
+        raise ValidationFailed(str(exc)) from None
+    vcpus = _check_range("vcpus", new.vcpus or limits.default_vcpus, 1, limits.max_vcpus)
+    mem = _check_range(
+        "mem_mib", new.mem_mib or limits.default_mem_mib, limits.min_mem_mib, limits.max_mem_mib
+    )
+    disk = _check_range(
+        "disk_mib", new.disk_mib or limits.default_disk_mib, limits.min_disk_mib, limits.max_disk_mib
+    )
+    for field, value in (("vcpus", new.vcpus), ("mem_mib", new.mem_mib), ("disk_mib", new.disk_mib)):
+        if value is not None and value < 1:
+            raise ValidationFailed(f"{field} must be a positive integer")
+    return NewVm(name, key, new.image, vcpus, mem, disk, new.snapshot_id)
+
+
+def _name_taken(name: str) -> Conflict:
+    return Conflict(f"A VM named {name} already exists", code="vm_name_taken")
+
+
+def create_vm(session: Session, clock: Clock, user_id: str, new: NewVm) -> Vm:
+    """Insert a queued VM. ``new`` must have been through ``validate_new``."""
+    now = clock.now()
+    row = Vm(
+        id=new_id(Prefix.VM),
+        user_id=user_id,
+        name=new.name,
+        public_key=new.public_key,
+        status_detail=Detail.QUEUED.value,
+        image=new.image,
+        snapshot_id=new.snapshot_id,
+        vcpus=new.vcpus,
+        mem_mib=new.mem_mib,
+        disk_mib=new.disk_mib,
+        created_at=now,
+        updated_at=now,
+    )
+    if session.scalar(
+        select(func.count())
+        .select_from(Vm)
+        .where(Vm.user_id == user_id, Vm.name == new.name, Vm.status_detail != Detail.DESTROYED.value)
+    ):
+        raise _name_taken(new.name)
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:
+        raise _name_taken(new.name) from None
+    return row
+
+
+def get_vm(session: Session, user_id: str, vm_id: str) -> Vm:
+    row = session.get(Vm, vm_id) if has_prefix(vm_id, Prefix.VM) else None
+    if row is None or row.user_id != user_id:
+        raise vm_not_found(vm_id)
+    return row
+
+
+def list_vms(
+    session: Session,
+    user_id: str,
+    request: PageRequest,
+    *,
+    status: Status | None = None,
+    detail: Detail | None = None,
+    name: str | None = None,
+) -> Page[Vm]:
+    stmt = select(Vm).where(Vm.user_id == user_id)
+    if status is not None:
+        stmt = stmt.where(Vm.status_detail.in_([d.value for d in details_of(status)]))
+    if detail is not None:
+        stmt = stmt.where(Vm.status_detail == detail.value)
+    if name is not None:
+        stmt = stmt.where(Vm.name == name)
+    return paginate(session, stmt, request=request, sort_columns=_SORTS, id_column=Vm.id, render=lambda r: r)
+
+
+def move(
+    session: Session,
+    clock: Clock,
+    vm_id: str,
+    target: Detail,
+    *,
+    expect: Collection[Detail] | None = None,
+    reason: str | None = None,
+    **fields: object,
+) -> bool:
+    """Move the VM to ``target`` if it is (still) in one of ``expect`` (default: any state the table allows
+    to move there). A compare-and-set: False when someone else moved it first. Raises IllegalTransition if
+    ``expect`` names a state the table forbids."""
+    allowed = list(expect) if expect is not None else [d for d in Detail if target in _from(d)]
+    for current in allowed:
+        check_move(current, target)
+    values: dict[str, object] = {"status_detail": target.value, "updated_at": clock.now(), **fields}
+    if target is Detail.FAILED:
+        values["failure_reason"] = reason or "unknown failure"
+    elif reason is not None:
+        values["failure_reason"] = reason
+    result = session.execute(
+        update(Vm)
+        .where(Vm.id == vm_id, Vm.status_detail.in_([d.value for d in allowed]))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _from(detail: Detail) -> frozenset[Detail]:
+    from corral.domain.vm_states import TRANSITIONS
+
+    return TRANSITIONS[detail]
+
+
+def active_vms(session: Session) -> list[Vm]:
+    """Every VM whose sandbox may exist on the host (for reconciliation)."""
+    return list(session.scalars(select(Vm).where(Vm.status_detail != Detail.DESTROYED.value)))
