@@ -19,7 +19,7 @@ $(STAMP): requirements.lock pyproject.toml scripts/python312
 system-deps:
 	scripts/system-deps
 
-run: install
+run: install system-deps
 	$(VENV)/bin/corral serve --host $(HOST) --port $(PORT)
 
 lint: install

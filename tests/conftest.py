@@ -1,10 +1,27 @@
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.support import Account, Server, running_server, signup
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _restore_cgroup_layout() -> Iterator[None]:
+    """A node server mounts the hugetlb cgroup hierarchy (crun needs it on this host): unmount it after
+    the run if it was not there before, so the run leaves the machine as it found it."""
+    target = Path("/sys/fs/cgroup/hugetlb")
+    was_mounted = os.path.ismount(target)
+    yield
+    if not was_mounted and os.path.ismount(target):
+        subprocess.run(["umount", str(target)], check=False)
+        with contextlib.suppress(OSError):
+            target.rmdir()
 
 
 @pytest.fixture(scope="session")

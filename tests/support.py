@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,41 +64,82 @@ class Server:
         return httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
 
 
+REPO = Path(__file__).resolve().parent.parent
+IMAGES_DIR = REPO / ".cache" / "images"  # the default image, built once (about 20 s) and kept like .venv
+
+
 @contextlib.contextmanager
 def running_server(tmp: Path, **env_overrides: str) -> Iterator[Server]:
-    """Start ``corral serve`` on a free loopback port with its own data dir and database; stop it by PID."""
+    """Start ``corral serve`` (API only: CORRAL_NODE=off) on a free loopback port with its own data dir and
+    database; stop it by PID."""
     data_dir = tmp / f"data-{secrets.token_hex(4)}"
-    with fresh_database(tmp) as db_url:
-        port = free_port()
-        env = {
-            **os.environ,
-            "CORRAL_DATA_DIR": str(data_dir),
-            "CORRAL_DATABASE_URL": db_url,
-            "CORRAL_RATE_LIMIT_PER_MINUTE": "1000000",
-            "CORRAL_RATE_LIMIT_BURST": "100000",
-            "CORRAL_ANON_RATE_LIMIT_PER_MINUTE": "1000000",
-            "CORRAL_ANON_RATE_LIMIT_BURST": "100000",
-            **env_overrides,
-        }
-        log = tmp / f"server-{port}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "corral", "serve", "--port", str(port), "--log-level", "info"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        server = Server(f"http://127.0.0.1:{port}", proc, log, data_dir, db_url)
+    with (
+        fresh_database(tmp) as db_url,
+        _serve(tmp, data_dir, db_url, {"CORRAL_NODE": "off", **env_overrides}) as srv,
+    ):
+        yield srv
+
+
+@contextlib.contextmanager
+def node_server(tmp: Path, *, database_url: str | None = None, **env_overrides: str) -> Iterator[Server]:
+    """Start ``corral serve`` with sandboxes on this host. Its data dir is outside pytest's private tmp (a
+    sandbox's root must reach its root filesystem); afterwards ``corral node reset`` removes every sandbox,
+    mount, cgroup and the disk pool, and the data dir is deleted."""
+    data_dir = Path(tempfile.mkdtemp(prefix="corral-test-", dir="/tmp"))
+    env = {"CORRAL_IMAGES_DIR": str(IMAGES_DIR), "CORRAL_WARM_POOL_SIZE": "0", **env_overrides}
+    try:
+        with contextlib.ExitStack() as stack:
+            db_url = database_url or stack.enter_context(fresh_database(tmp))
+            with _serve(tmp, data_dir, db_url, env, ready_timeout=300) as srv:
+                yield srv
+    finally:
+        reset_node(data_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def reset_node(data_dir: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "corral", "node", "reset", "--yes"],
+        env={**os.environ, "CORRAL_DATA_DIR": str(data_dir)},
+        check=True,
+        capture_output=True,
+    )
+
+
+@contextlib.contextmanager
+def _serve(
+    tmp: Path, data_dir: Path, db_url: str, env_overrides: dict[str, str], ready_timeout: float = 60.0
+) -> Iterator[Server]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(data_dir),
+        "CORRAL_DATABASE_URL": db_url,
+        "CORRAL_RATE_LIMIT_PER_MINUTE": "1000000",
+        "CORRAL_RATE_LIMIT_BURST": "100000",
+        "CORRAL_ANON_RATE_LIMIT_PER_MINUTE": "1000000",
+        "CORRAL_ANON_RATE_LIMIT_BURST": "100000",
+        **env_overrides,
+    }
+    log = tmp / f"server-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "corral", "serve", "--port", str(port), "--log-level", "info"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(f"http://127.0.0.1:{port}", proc, log, data_dir, db_url)
+    try:
+        _wait_ready(server, ready_timeout)
+        yield server
+    finally:
+        proc.send_signal(signal.SIGTERM)
         try:
-            _wait_ready(server)
-            yield server
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _wait_ready(server: Server, timeout: float = 60.0) -> None:
