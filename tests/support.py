@@ -106,10 +106,91 @@ def reset_node(data_dir: Path) -> None:
     )
 
 
+class NodeHost:
+    """A node's data dir and database that outlive its servers: start ``corral serve`` on them, kill it
+    with SIGKILL (a crash: its children and sandboxes stay), start it again on the same data dir and
+    database. At most one server runs at a time."""
+
+    def __init__(self, tmp: Path, data_dir: Path, database_url: str, env: dict[str, str]) -> None:
+        self.tmp = tmp
+        self.data_dir = data_dir
+        self.database_url = database_url
+        self.env = env
+        self.server: Server | None = None
+        self.logs: list[Path] = []
+
+    @property
+    def node_root(self) -> Path:
+        return self.data_dir / "node"
+
+    @property
+    def node_id(self) -> str:
+        return (self.node_root / "node-id").read_text().strip()
+
+    def start(self, ready_timeout: float = 300.0) -> Server:
+        assert self.server is None or self.server.proc.poll() is not None, "a server is still running"
+        server = _spawn(self.tmp, self.data_dir, self.database_url, self.env)
+        self.server = server
+        self.logs.append(server.log)
+        _wait_ready(server, ready_timeout)
+        return server
+
+    def kill(self) -> None:
+        """SIGKILL the running server's process (by its PID) and reap it."""
+        if self.server is not None and self.server.proc.poll() is None:
+            self.server.proc.kill()
+            self.server.proc.wait()
+
+    def stop(self) -> None:
+        """Shut the running server down cleanly (SIGTERM)."""
+        if self.server is not None:
+            _shutdown(self.server)
+
+    def restart(self) -> Server:
+        """Kill -9 the running server and start a new one on the same data dir and database."""
+        self.kill()
+        return self.start()
+
+    def log_text(self) -> str:
+        return "\n".join(
+            f"==> {p.name} <==\n{p.read_text(errors='replace')}" for p in self.logs if p.exists()
+        )
+
+
+@contextlib.contextmanager
+def node_host(tmp: Path, *, database_url: str | None = None, **env_overrides: str) -> Iterator[NodeHost]:
+    """Like ``node_server``, but the caller starts, kills and restarts the servers (``NodeHost``). At the end
+    the running server is stopped, ``corral node reset`` removes every sandbox, mount, cgroup and the disk
+    pool, and the data dir is deleted, even when the test failed."""
+    data_dir = Path(tempfile.mkdtemp(prefix="corral-test-", dir="/tmp"))
+    env = {"CORRAL_IMAGES_DIR": str(IMAGES_DIR), "CORRAL_WARM_POOL_SIZE": "0", **env_overrides}
+    try:
+        with contextlib.ExitStack() as stack:
+            db_url = database_url or stack.enter_context(fresh_database(tmp))
+            host = NodeHost(tmp, data_dir, db_url, env)
+            try:
+                yield host
+            finally:
+                host.stop()
+    finally:
+        reset_node(data_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def _serve(
     tmp: Path, data_dir: Path, db_url: str, env_overrides: dict[str, str], ready_timeout: float = 60.0
 ) -> Iterator[Server]:
+    server = _spawn(tmp, data_dir, db_url, env_overrides)
+    try:
+        _wait_ready(server, ready_timeout)
+        yield server
+    finally:
+        _shutdown(server)
+
+
+def _spawn(tmp: Path, data_dir: Path, db_url: str, env_overrides: dict[str, str]) -> Server:
+    """Start ``corral serve`` on a free loopback port (without waiting for it to answer)."""
     port = free_port()
     env = {
         **os.environ,
@@ -129,17 +210,19 @@ def _serve(
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    server = Server(f"http://127.0.0.1:{port}", proc, log, data_dir, db_url)
+    return Server(f"http://127.0.0.1:{port}", proc, log, data_dir, db_url)
+
+
+def _shutdown(server: Server) -> None:
+    """SIGTERM the server (its PID only), SIGKILL it if it has not exited within 15 s."""
+    if server.proc.poll() is not None:
+        return
+    server.proc.send_signal(signal.SIGTERM)
     try:
-        _wait_ready(server, ready_timeout)
-        yield server
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
 
 
 def _wait_ready(server: Server, timeout: float = 60.0) -> None:

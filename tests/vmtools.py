@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 import time
@@ -64,3 +65,98 @@ def run(client: httpx.Client, vm_id: str, command: str | list[str], **fields: An
     assert resp.status_code == 200, resp.text
     out: dict[str, Any] = resp.json()
     return out
+
+
+# ---- what a node has on this host -------------------------------------------------------------------------
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _cgroup_hierarchies() -> list[Path]:
+    if (CGROUP_ROOT / "cgroup.controllers").exists():  # pure v2: one tree
+        return [CGROUP_ROOT]
+    return sorted(p for p in CGROUP_ROOT.iterdir() if p.is_dir() and not p.is_symlink() and p.is_mount())
+
+
+def cgroup_parents(node_id: str) -> list[Path]:
+    """The node's parent cgroup (``corral-<node id>``) in every hierarchy where it exists."""
+    return [h / f"corral-{node_id}" for h in _cgroup_hierarchies() if (h / f"corral-{node_id}").is_dir()]
+
+
+def host_leftovers(node_root: Path, node_id: str) -> dict[str, set[str]]:
+    """What exists on the host for the node at ``node_root`` (``<data_dir>/node``), as container ids by
+    kind: runtime containers, mounts under the bundles dir, cgroups, disk subvolumes, bundle dirs, and
+    processes (in the node's cgroups, or rooted in a bundle)."""
+    found: dict[str, set[str]] = {
+        "containers": set(),
+        "mounts": set(),
+        "cgroups": set(),
+        "volumes": set(),
+        "bundles": set(),
+        "processes": set(),
+    }
+    listed = subprocess.run(
+        ["crun", "--root", str(node_root / "state"), "list", "--quiet"], capture_output=True, text=True
+    )
+    if listed.returncode == 0:
+        found["containers"] = {line.strip() for line in listed.stdout.splitlines() if line.strip()}
+    bundles = node_root / "bundles"
+    prefix = f"{bundles}/"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point.startswith(prefix):
+                found["mounts"].add(point.removeprefix(prefix).split("/")[0])
+    for parent in cgroup_parents(node_id):
+        found["cgroups"].update(p.name for p in parent.iterdir() if p.is_dir())
+    vols = node_root / "disk" / "vols"
+    if vols.is_dir():
+        found["volumes"] = {p.name for p in vols.iterdir()}
+    if bundles.is_dir():
+        found["bundles"] = {p.name for p in bundles.iterdir()}
+    found["processes"] = set(node_processes(node_root, node_id).values())
+    return found
+
+
+def node_processes(node_root: Path, node_id: str) -> dict[int, str]:
+    """Every process on the host that belongs to a sandbox of this node: in one of its cgroups, or with
+    its root inside one of its bundles. PID -> container id."""
+    marker = f"/corral-{node_id}/"
+    prefix = f"{node_root / 'bundles'}/"
+    procs: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cgroup = (entry / "cgroup").read_text()
+            root = os.readlink(entry / "root")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        for line in cgroup.splitlines():
+            _, sep, path = line.partition(marker)
+            if sep or line.endswith(marker.rstrip("/")):
+                procs[int(entry.name)] = path.split("/")[0] or "(the node's parent cgroup)"
+                break
+        else:
+            if root.startswith(prefix):
+                procs[int(entry.name)] = root.removeprefix(prefix).split("/")[0]
+    return procs
+
+
+def sandbox_pid_of(node_root: Path, node_id: str, cid: str, cmdline: str) -> int | None:
+    """The host PID of the process of sandbox ``cid`` whose command line (space-separated) is ``cmdline``."""
+    for pid, owner in node_processes(node_root, node_id).items():
+        if owner != cid:
+            continue
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        except OSError:
+            continue
+        if b" ".join(args).decode(errors="replace") == cmdline:
+            return pid
+    return None
+
+
+def netns_names() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}

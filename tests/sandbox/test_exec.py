@@ -19,7 +19,13 @@ def test_exec_runs_in_the_sandbox_with_the_owners_env(owner: Account) -> None:
         assert out["stdout"] == "hello from env\n"
         assert out["stderr"] == "oops\n"
         assert out["timed_out"] is False
-        argv = run(c, vm["id"], ["python3", "-c", "import os,sys; print(os.getcwd(), os.environ['X'], sys.argv)"], env={"X": "1"}, cwd="/tmp")
+        argv = run(
+            c,
+            vm["id"],
+            ["python3", "-c", "import os,sys; print(os.getcwd(), os.environ['X'], sys.argv)"],
+            env={"X": "1"},
+            cwd="/tmp",
+        )
         assert argv["stdout"] == "/tmp 1 ['-c']\n", argv
         who = run(c, vm["id"], "id -u; id -g", user="nobody")
         assert who["stdout"].split() == ["65534", "65534"]
@@ -33,7 +39,8 @@ def test_timeout_kills_the_whole_process_tree(owner: Account) -> None:
     try:
         start = time.monotonic()
         out = run(c, vm["id"], "sleep 300 & (sleep 301; echo never) & sleep 302", timeout=1)
-        assert out["timed_out"] is True and out["exit_code"] == 124
+        assert out["timed_out"] is True
+        assert out["exit_code"] == 124
         assert time.monotonic() - start < 10
         left = run(c, vm["id"], "ps -eo comm= | grep -c '^sleep' || true")
         assert left["stdout"].strip() == "0", left
@@ -61,6 +68,7 @@ def test_stream_delivers_output_as_it_is_written(owner: Account) -> None:
         assert "".join(str(d) for _, d in stdout) == "line1\nline2\nline3\n"
         assert stdout[0][0] < 0.5, "the first line must arrive before the command ends (~0.9 s)"
         assert [d for _, e, d in seen if e == "stderr"] == [{"data": "bad\n"}]
-        assert seen[-1][1] == "exit" and seen[-1][2]["exit_code"] == 3
+        assert seen[-1][1] == "exit"
+        assert seen[-1][2]["exit_code"] == 3
     finally:
         destroy(c, vm["id"])

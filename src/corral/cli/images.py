@@ -79,3 +79,13 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="Do not ask")] = False
     node = make_node(settings)
     node.attach()
     node.teardown()
+
+
+@app.command("rm")
+def remove(name: Annotated[str, typer.Argument(help="Image name")]) -> None:
+    """Remove an image. VMs that use it must be destroyed first (their root filesystem is built on it)."""
+    node = make_node(Settings.from_env())
+    if not node.images.remove(name):
+        err.print(f"[red]No image named {name}[/red]")
+        raise typer.Exit(1)
+    out.print(f"removed {name}")

@@ -30,11 +30,13 @@ class WarmPool:
         size: int,
         boot: Callable[[str], None],
         discard: Callable[[str], None],
+        new_cid: Callable[[], str] = lambda: POOL_PREFIX + secrets.token_hex(6),
     ) -> None:
         self.key = key
         self.size = size
         self._boot = boot  # boots a sandbox with this container id (raises on failure)
         self._discard = discard  # destroys one
+        self._new_cid = new_cid  # the container id (and hostname) of the next sandbox
         self._ready: deque[str] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -58,6 +60,14 @@ class WarmPool:
         self._wake.set()
         return cid
 
+    def give_back(self, cid: str) -> None:
+        """Return an unused sandbox taken with ``take`` (the create that took it failed)."""
+        with self._lock:
+            if not self._closed:
+                self._ready.appendleft(cid)
+                return
+        self._discard(cid)
+
     def ready_count(self) -> int:
         with self._lock:
             return len(self._ready)
@@ -67,7 +77,7 @@ class WarmPool:
             self._wake.wait(timeout=5.0)
             self._wake.clear()
             while not self._closed and self.ready_count() < self.size:
-                cid = POOL_PREFIX + secrets.token_hex(6)
+                cid = self._new_cid()
                 try:
                     self._boot(cid)
                 except Exception:

@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from corral.domain.clock import Clock
 from corral.domain.errors import Conflict, CorralError, NotFound
+from corral.domain.ids import Prefix, new_id
 from corral.domain.vm_states import EXECUTABLE, Detail
 from corral.node.local import LocalNode, NodeError, Resources
 from corral.node.pool import PoolKey, WarmPool
@@ -79,11 +80,14 @@ class Lifecycle:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._created: dict[str, float] = {}
+        # A pooled sandbox is booted under the id its VM will have (its hostname is that id), so the
+        # hand-over is one database update.
         self.pool = WarmPool(
             PoolKey(default_image, limits.default_vcpus, limits.default_mem_mib, limits.default_disk_mib),
             pool_size,
             boot=self._boot_pooled,
             discard=self.node.destroy,
+            new_cid=lambda: new_id(Prefix.VM),
         )
 
     # ---- plumbing -------------------------------------------------------------------------------------------
@@ -128,14 +132,40 @@ class Lifecycle:
     def check_image(self, name: str) -> None:
         self._image(name)
 
-    def submit_boot(self, vm_id: str) -> Future[None]:
-        self._created[vm_id] = time.monotonic()
-        return self._executor.submit(self._boot_new, vm_id)
+    def create(self, user_id: str, new: vms.NewVm) -> Vm:
+        """Record a new VM (``queued``) and boot it in the background: a hand-over from the warm pool when
+        one fits, else a cold boot. ``new`` must have been through ``vms.validate_new``."""
+        started = time.monotonic()
+        self.check_image(new.image)
+        pooled = self.pool.take(PoolKey(new.image, new.vcpus or 0, new.mem_mib or 0, new.disk_mib or 0))
+        try:
+            with transaction(self.sessions) as session:
+                row = vms.create_vm(session, self.clock, user_id, new, vm_id=pooled)
+        except BaseException:
+            if pooled is not None:
+                self.pool.give_back(pooled)
+            raise
+        self._created[row.id] = started
+        self._executor.submit(self._hand_over if pooled else self._boot_new, row.id)
+        return row
 
     def _boot_pooled(self, cid: str) -> None:
         key = self.pool.key
         image = self._image(key.image)
-        self.node.boot(cid, image, Resources(key.vcpus, key.mem_mib, key.disk_mib), cid, fresh=True)
+        self.node.boot(
+            cid, image, Resources(key.vcpus, key.mem_mib, key.disk_mib), hostname_for(cid), fresh=True
+        )
+
+    def _hand_over(self, vm_id: str) -> None:
+        """The VM's sandbox already runs (booted by the pool under this id): the VM is ready."""
+        try:
+            with self._vm_lock(vm_id):
+                self._move(
+                    vm_id, Detail.READY, Detail.QUEUED, container_id=vm_id, create_ms=self._elapsed_ms(vm_id)
+                )
+        except Exception as exc:
+            log.exception("handing %s over failed", vm_id)
+            self._move(vm_id, Detail.FAILED, Detail.QUEUED, reason=_reason(exc))
 
     def _elapsed_ms(self, vm_id: str) -> int | None:
         started = self._created.pop(vm_id, None)
@@ -145,27 +175,8 @@ class Lifecycle:
         try:
             with self._vm_lock(vm_id):
                 vm = self._load(vm_id)
-                if vm.status_detail != Detail.QUEUED.value:
-                    return
-                key = PoolKey(vm.image, vm.vcpus, vm.mem_mib, vm.disk_mib)
-                cid = self.pool.take(key)
-                if cid is not None:
-                    try:
-                        self.node.set_hostname(cid, hostname_for(vm_id))
-                    except Exception:
-                        log.exception("warm pool hand-over failed; booting cold")
-                        self.node.destroy(cid)
-                        cid = None
-                if cid is not None:
-                    self._move(
-                        vm_id,
-                        Detail.READY,
-                        Detail.QUEUED,
-                        container_id=cid,
-                        create_ms=self._elapsed_ms(vm_id),
-                    )
-                    return
-                self._boot_cold(vm)
+                if vm.status_detail == Detail.QUEUED.value:
+                    self._boot_cold(vm)
         except Exception as exc:  # the record says why; nothing is left on the host
             log.exception("creating %s failed", vm_id)
             self._move(

@@ -86,11 +86,12 @@ def _name_taken(name: str) -> Conflict:
     return Conflict(f"A VM named {name} already exists", code="vm_name_taken")
 
 
-def create_vm(session: Session, clock: Clock, user_id: str, new: NewVm) -> Vm:
-    """Insert a queued VM. ``new`` must have been through ``validate_new``."""
+def create_vm(session: Session, clock: Clock, user_id: str, new: NewVm, *, vm_id: str | None = None) -> Vm:
+    """Insert a queued VM (with ``vm_id`` when its sandbox was booted ahead under that id). ``new`` must
+    have been through ``validate_new``."""
     now = clock.now()
     row = Vm(
-        id=new_id(Prefix.VM),
+        id=vm_id or new_id(Prefix.VM),
         user_id=user_id,
         name=new.name,
         public_key=new.public_key,

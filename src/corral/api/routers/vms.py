@@ -16,7 +16,6 @@ from corral.domain.pagination import page_request
 from corral.domain.vm_states import Detail, Status, status_of
 from corral.services import vms
 from corral.services.lifecycle import Lifecycle, NodeUnavailable
-from corral.store.db import transaction
 from corral.store.tables import Vm
 
 router = APIRouter(prefix="/v1/vms", tags=["vms"])
@@ -76,11 +75,7 @@ def create_vm(body: VmCreateRequest, who: PrincipalDep, st: StateDep) -> VmOut:
     )
     if new.snapshot_id is not None:
         raise NotFound(f"No snapshot with ID {new.snapshot_id}", code="snapshot_not_found")
-    life.check_image(new.image)
-    with transaction(st.sessions) as session:
-        row = vms.create_vm(session, st.services.clock, who.user_id, new)
-    life.submit_boot(row.id)
-    return vm_out(row)
+    return vm_out(life.create(who.user_id, new))
 
 
 def _enum[E: (Status, Detail)](kind: type[E], name: str, raw: str | None) -> E | None:
