@@ -87,6 +87,7 @@ class Settings:
     max_vcpus: int = max(1, os.cpu_count() or 1)
     max_mem_mib: int = 8192
     max_disk_mib: int = 65536
+    max_concurrent_requests: int = 512  # worker threads for blocking requests (execs, file transfers)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -113,6 +114,7 @@ class Settings:
             max_vcpus=_int(env, "CORRAL_MAX_VCPUS", max(1, os.cpu_count() or 1)),
             max_mem_mib=_int(env, "CORRAL_MAX_MEM_MIB", 8192),
             max_disk_mib=_int(env, "CORRAL_MAX_DISK_MIB", 65536),
+            max_concurrent_requests=_int(env, "CORRAL_MAX_CONCURRENT_REQUESTS", 512),
         )
 
     @property

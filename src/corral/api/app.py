@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -79,6 +80,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Sync endpoints run in threads; a long exec or a streamed file holds one for its whole duration.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.max_concurrent_requests
         if life is not None:
             life.start_background()
         try:

@@ -38,10 +38,15 @@ def ensure_hugetlb_v1(root: Path = CGROUP_ROOT) -> bool:
 
 
 def hierarchies(root: Path = CGROUP_ROOT) -> list[Path]:
-    """Every mounted hierarchy a sandbox's cgroup can appear in."""
+    """Every hierarchy a sandbox's cgroup can appear in: the unified tree on a pure v2 host, else each
+    mounted v1 controller (and the named/unified ones) under ``root``."""
     if is_pure_v2(root):
         return [root]
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and os.path.ismount(p))
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and not p.is_symlink() and (os.path.ismount(p) or (p / "cgroup.procs").exists())
+    )
 
 
 def parent_dirs(parent: str, root: Path = CGROUP_ROOT) -> list[Path]:

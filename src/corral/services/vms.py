@@ -101,6 +101,7 @@ def create_vm(session: Session, clock: Clock, user_id: str, new: NewVm, *, vm_id
         vcpus=new.vcpus,
         mem_mib=new.mem_mib,
         disk_mib=new.disk_mib,
+        container_id=vm_id,  # a pooled sandbox runs already: reconciliation must know it is this VM's
         created_at=now,
         updated_at=now,
     )
