@@ -40,12 +40,25 @@ def wait_status(
         time.sleep(0.02)
 
 
+def wait_detail(
+    client: httpx.Client, vm_id: str, *, until: tuple[str, ...] = ("ready", "failed"), timeout: float = 60.0
+) -> dict[str, Any]:
+    """Like ``wait_status``, on ``status_detail`` (a VM is ``running``/``running`` for a moment before it is
+    ``running``/``ready``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        vm: dict[str, Any] = client.get(f"/v1/vms/{vm_id}").json()
+        if vm["status_detail"] in until or time.monotonic() > deadline:
+            return vm
+        time.sleep(0.02)
+
+
 def create_ready(client: httpx.Client, **fields: Any) -> dict[str, Any]:
     """Create a VM and wait until it is ready; fails the test if it does not get there."""
     body = {"name": unique_name(), "public_key": public_key(), **fields}
     resp = client.post("/v1/vms", json=body)
     assert resp.status_code == 201, resp.text
-    vm = wait_status(client, resp.json()["id"])
+    vm = wait_detail(client, resp.json()["id"])
     assert vm["status_detail"] == "ready", vm
     return vm
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from corral.runtime.syscalls import openat2
+from corral.runtime.syscalls import file_identity, openat2
 
 CHUNK = 256 * 1024
 
@@ -52,6 +53,7 @@ def _translate(exc: OSError, path: str) -> FileError:
         errno.ELOOP: ("invalid", f"too many symbolic links resolving {path}"),
         errno.ENAMETOOLONG: ("invalid", f"{path} is too long"),
         errno.EXDEV: ("invalid", f"{path} cannot be reached"),
+        errno.EOVERFLOW: ("invalid", f"{path}: the owner cannot be represented on that filesystem"),
     }
     kind, message = kinds.get(exc.errno or 0, ("invalid", f"{path}: {exc.strerror}"))
     return FileError(kind, message)
@@ -94,8 +96,8 @@ class SandboxFiles:
             parent, name = _split(current)
             dfd = self._open(parent, os.O_PATH | os.O_DIRECTORY)
             try:
-                os.mkdir(name, 0o755, dir_fd=dfd)
-                os.chown(name, self.uid, self.gid, dir_fd=dfd, follow_symlinks=False)
+                with file_identity(self.uid, self.gid):
+                    os.mkdir(name, 0o755, dir_fd=dfd)
             except FileExistsError:
                 pass
             except OSError as exc:
@@ -108,12 +110,12 @@ class SandboxFiles:
         partial file under ``path``: data goes to a temporary name first and is renamed into place."""
         path = normalise(path)
         parent, name = _split(path)
-        if not name or name in (".", ".."):
+        if not name or name in (".", "..") or path.endswith("/"):
             raise FileError("invalid", f"{path} names a directory, not a file")
         if parents:
             self._mkdirs(parent)
         dfd = self._open(parent, os.O_PATH | os.O_DIRECTORY)
-        tmp = f".{name}.corral-upload-{os.getpid()}-{id(chunks)}"
+        tmp = f".corral-upload-{secrets.token_hex(8)}"  # short: the target's name may be 255 bytes already
         written = 0
         try:
             try:
@@ -123,12 +125,13 @@ class SandboxFiles:
             except FileNotFoundError:
                 pass
             try:
-                fd = os.open(
-                    tmp,
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                    dir_fd=dfd,
-                )
+                with file_identity(self.uid, self.gid):  # owned by the sandbox's root from the start
+                    fd = os.open(
+                        tmp,
+                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        0o600,
+                        dir_fd=dfd,
+                    )
             except OSError as exc:
                 raise _translate(exc, path) from None
             try:
@@ -137,11 +140,11 @@ class SandboxFiles:
                         f.write(chunk)
                         written += len(chunk)
                     f.flush()
-                    os.fchown(f.fileno(), self.uid, self.gid)
                     os.fchmod(f.fileno(), mode & 0o7777)
-                os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                with file_identity(self.uid, self.gid):  # a name made on a tmpfs of the sandbox's, too
+                    os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
             except BaseException as exc:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError), file_identity(self.uid, self.gid):
                     os.unlink(tmp, dir_fd=dfd)
                 if isinstance(exc, OSError):
                     raise _translate(exc, path) from None
@@ -151,7 +154,9 @@ class SandboxFiles:
         return written
 
     def read(self, path: str) -> tuple[int, Iterator[bytes]]:
-        """(size, chunks) of a regular file; the file is opened now, so errors surface before streaming."""
+        """(size, chunks) of a regular file; the file is opened now, so errors surface before streaming.
+        At most ``size`` bytes are produced (a file growing meanwhile is cut at its size when opened); a size
+        of 0 means unknown (``/proc`` files): everything is read."""
         path = normalise(path)
         fd = self._open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
         st = os.fstat(fd)
@@ -161,14 +166,19 @@ class SandboxFiles:
             raise FileError(kind, f"{path} is not a regular file")
         os.set_blocking(fd, True)
 
+        size = st.st_size
+
         def chunks() -> Iterator[bytes]:
+            left = size or -1
             try:
-                while data := os.read(fd, CHUNK):
+                while left != 0 and (data := os.read(fd, CHUNK if left < 0 else min(CHUNK, left))):
+                    if left > 0:
+                        left -= len(data)
                     yield data
             finally:
                 os.close(fd)
 
-        return st.st_size, chunks()
+        return size, chunks()
 
     def list(self, path: str) -> list[Entry]:
         path = normalise(path)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Iterator
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -54,3 +56,50 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RES
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
     return int(fd)
+
+
+_libc.setfsuid.argtypes = [ctypes.c_uint]
+_libc.setfsgid.argtypes = [ctypes.c_uint]
+SYS_CAPGET = 125
+SYS_CAPSET = 126
+_CAP_V3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _raise_effective_caps() -> None:
+    """Make this thread's effective capabilities its permitted ones again (setfsuid to non-zero drops the
+    file-system ones from the effective set)."""
+    header = _CapHeader(_CAP_V3, 0)
+    data = (_CapData * 2)()
+    if _libc.syscall(SYS_CAPGET, ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    for d in data:
+        d.effective = d.permitted
+    if _libc.syscall(SYS_CAPSET, ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+@contextlib.contextmanager
+def file_identity(uid: int, gid: int) -> Iterator[None]:
+    """Within the block, files this thread creates belong to ``uid``:``gid`` (its fsuid/fsgid), keeping the
+    thread's capabilities. Needed to create files on a filesystem mounted inside a sandbox's user namespace
+    (a tmpfs there refuses owners it cannot map: EOVERFLOW). Per thread: other threads are unaffected."""
+    _libc.setfsgid(gid)
+    _libc.setfsuid(uid)
+    try:
+        _raise_effective_caps()
+        yield
+    finally:
+        _libc.setfsuid(0)
+        _libc.setfsgid(0)

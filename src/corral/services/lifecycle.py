@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -77,7 +78,7 @@ class Lifecycle:
         self.default_image = default_image
         self.limits = limits
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="corral-vm")
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
         self._locks_guard = threading.Lock()
         self._created: dict[str, float] = {}
         # A pooled sandbox is booted under the id its VM will have (its hostname is that id), so the
@@ -94,8 +95,11 @@ class Lifecycle:
 
     @contextmanager
     def _vm_lock(self, vm_id: str) -> Iterator[None]:
-        with self._locks_guard:
-            lock = self._locks.setdefault(vm_id, threading.Lock())
+        with self._locks_guard:  # one lock per VM while anyone holds or waits for it, then forgotten
+            lock = self._locks.get(vm_id)
+            if lock is None:
+                lock = threading.Lock()
+                self._locks[vm_id] = lock
         with lock:
             yield
 
@@ -164,6 +168,7 @@ class Lifecycle:
                     vm_id, Detail.READY, Detail.QUEUED, container_id=vm_id, create_ms=self._elapsed_ms(vm_id)
                 )
         except Exception as exc:
+            self._created.pop(vm_id, None)
             log.exception("handing %s over failed", vm_id)
             self._move(vm_id, Detail.FAILED, Detail.QUEUED, reason=_reason(exc))
 
@@ -178,6 +183,7 @@ class Lifecycle:
                 if vm.status_detail == Detail.QUEUED.value:
                     self._boot_cold(vm)
         except Exception as exc:  # the record says why; nothing is left on the host
+            self._created.pop(vm_id, None)
             log.exception("creating %s failed", vm_id)
             self._move(
                 vm_id, Detail.FAILED, Detail.QUEUED, Detail.CREATING, Detail.STARTING, reason=_reason(exc)

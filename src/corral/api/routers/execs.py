@@ -288,11 +288,10 @@ def download_file(vm_id: VmId, who: PrincipalDep, st: StateDep, path: FilePath) 
     except FileError as exc:
         raise file_error(exc) from None
     name = normalise(path).rsplit("/", 1)[-1] or "file"
-    return StreamingResponse(
-        chunks,
-        media_type="application/octet-stream",
-        headers={"Content-Length": str(size), "Content-Disposition": f'attachment; filename="{_safe(name)}"'},
-    )
+    headers = {"Content-Disposition": f'attachment; filename="{_safe(name)}"'}
+    if size:  # /proc-like files report 0: sent chunked instead
+        headers["Content-Length"] = str(size)
+    return StreamingResponse(chunks, media_type="application/octet-stream", headers=headers)
 
 
 def _safe(name: str) -> str:
