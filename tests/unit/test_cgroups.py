@@ -26,8 +26,8 @@ def _cgroupfs_rmdir(monkeypatch: pytest.MonkeyPatch) -> None:
                 f.unlink()
         real_rmdir(path)
 
-    monkeypatch.setattr(cgroups.os, "rmdir", rmdir)
-    monkeypatch.setattr(cgroups.os, "kill", _no_kill)  # the fake tree's pids are not ours to signal
+    monkeypatch.setattr(os, "rmdir", rmdir)
+    monkeypatch.setattr(os, "kill", _no_kill)  # the fake tree's pids are not ours to signal
 
 
 def _no_kill(pid: int, sig: int) -> None:

@@ -24,10 +24,13 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
 ) -> None:
     """Run the API server (with the embedded SQLite store unless CORRAL_DATABASE_URL says otherwise)."""
+    import logging
+
     import uvicorn
 
     from corral.api.app import create_app
 
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     with image_progress() as progress:
         application = create_app(progress=progress)
     uvicorn.run(application, host=host, port=port, log_level=log_level, server_header=False)

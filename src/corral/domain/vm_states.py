@@ -44,7 +44,8 @@ D = Detail
 TRANSITIONS: dict[Detail, frozenset[Detail]] = {
     D.QUEUED: frozenset({D.CREATING, D.READY, D.FAILED}),  # ready at once: handed over from the warm pool
     D.CREATING: frozenset({D.STARTING, D.FAILED}),
-    D.STARTING: frozenset({D.RUNNING, D.READY, D.FAILED}),
+    # back to stopped: a start interrupted by a server restart (reconciliation), the disk intact
+    D.STARTING: frozenset({D.RUNNING, D.READY, D.STOPPED, D.FAILED}),
     D.RUNNING: frozenset({D.READY, D.STOPPING, D.FAILED}),
     D.READY: frozenset({D.STOPPING, D.FAILED}),
     D.STOPPING: frozenset({D.STOPPED, D.FAILED}),

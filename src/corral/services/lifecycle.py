@@ -283,6 +283,8 @@ class Lifecycle:
             if detail in (Detail.RUNNING, Detail.READY) and running:
                 adopted += 1
                 keep.add(cid)  # type: ignore[arg-type]
+                if detail is Detail.RUNNING:  # killed between running and ready: it runs, so it is ready
+                    self._move(vm.id, Detail.READY, Detail.RUNNING)
                 continue
             if detail in (Detail.RUNNING, Detail.READY):
                 self._cleanup(cid, keep_disk=True)
@@ -293,9 +295,14 @@ class Lifecycle:
                     reason="the sandbox was no longer running when the server started",
                 )
                 failed += 1
+            elif detail is Detail.STARTING and vm.create_ms is not None:
+                # a start of a stopped VM, interrupted: it is stopped again, its disk intact
+                self._cleanup(cid, keep_disk=True)
+                self._move(vm.id, Detail.STOPPED, detail)
+                finished += 1
             elif detail in (Detail.QUEUED, Detail.CREATING, Detail.STARTING):
-                # a VM that had been ready before (being started again) keeps its disk; a new one has none worth it
-                self._cleanup(cid, keep_disk=vm.create_ms is not None)
+                # a create, interrupted: nothing of it is worth keeping
+                self._cleanup(cid, keep_disk=False)
                 self._move(
                     vm.id, Detail.FAILED, detail, reason="the server stopped while the VM was being created"
                 )
