@@ -32,10 +32,10 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
 
 def _int0(env: dict[str, str], name: str, default: int) -> int:
     """A non-negative integer setting."""
-    raw = env.get(name)
-    if raw is None or raw == "":
+    raw = (env.get(name) or "").strip()
+    if raw == "":
         return default
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         raise SystemExit(f"{name} must be a non-negative integer, got {raw!r}")
     return int(raw)
 

@@ -180,3 +180,91 @@ def test_data_dir_is_private_but_traversable(tmp_path: Path) -> None:
     loose.chmod(0o755)
     prepare_data_dir(loose)
     assert loose.stat().st_mode & 0o777 == 0o711
+
+
+# --- node settings --------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("as_root")
+def test_node_defaults() -> None:
+    settings = Settings.from_env({})
+    assert settings.node is True
+    assert settings.runtime == "crun"
+    assert settings.warm_pool_size == 2
+    assert settings.images_dir is None
+
+
+@pytest.mark.usefixtures("as_root")
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("on", True), ("ON", True), ("1", True), ("true", True), ("yes", True), (" on ", True),
+     ("off", False), ("Off", False), ("0", False), ("false", False), ("no", False), ("", True)],
+)  # fmt: skip
+def test_node_on_off(raw: str, expected: bool) -> None:
+    assert Settings.from_env({"CORRAL_NODE": raw}).node is expected
+
+
+@pytest.mark.usefixtures("as_root")
+@pytest.mark.parametrize("raw", ["maybe", "2", "enabled", "o n"])
+def test_node_garbage_is_a_clear_exit(raw: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        Settings.from_env({"CORRAL_NODE": raw})
+    assert "CORRAL_NODE must be on or off" in str(info.value)
+    assert repr(raw) in str(info.value)
+
+
+@pytest.mark.usefixtures("as_root")
+@pytest.mark.parametrize("raw", ["crun", "runc"])
+def test_runtime_choice(raw: str) -> None:
+    assert Settings.from_env({"CORRAL_RUNTIME": raw}).runtime == raw
+
+
+@pytest.mark.usefixtures("as_root")
+def test_empty_runtime_means_crun() -> None:
+    assert Settings.from_env({"CORRAL_RUNTIME": ""}).runtime == "crun"
+
+
+@pytest.mark.usefixtures("as_root")
+@pytest.mark.parametrize("raw", ["docker", "CRUN", "kata", "/usr/bin/crun", " runc"])
+def test_runtime_garbage_is_a_clear_exit(raw: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        Settings.from_env({"CORRAL_RUNTIME": raw})
+    assert str(info.value) == f"CORRAL_RUNTIME must be one of crun, runc, got {raw!r}"
+
+
+@pytest.mark.usefixtures("as_root")
+@pytest.mark.parametrize(("raw", "expected"), [("0", 0), ("1", 1), ("5", 5), ("", 2)])
+def test_warm_pool_size(raw: str, expected: int) -> None:
+    assert Settings.from_env({"CORRAL_WARM_POOL_SIZE": raw}).warm_pool_size == expected
+
+
+@pytest.mark.usefixtures("as_root")
+@pytest.mark.parametrize("raw", ["-1", "-0", "two", "1.5", "+3"])
+def test_warm_pool_size_refuses_negative_and_garbage(raw: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        Settings.from_env({"CORRAL_WARM_POOL_SIZE": raw})
+    assert str(info.value) == f"CORRAL_WARM_POOL_SIZE must be a non-negative integer, got {raw!r}"
+
+
+@pytest.mark.usefixtures("as_root")
+def test_images_path_defaults_under_the_data_dir(tmp_path: Path) -> None:
+    settings = Settings.from_env({"CORRAL_DATA_DIR": str(tmp_path / "data")})
+    assert settings.images_dir is None
+    assert settings.images_path == tmp_path / "data" / "images"
+    assert Settings.from_env({}).images_path == Path("/var/lib/corral/images")
+
+
+@pytest.mark.usefixtures("as_root")
+def test_images_dir_override(tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        {"CORRAL_DATA_DIR": str(tmp_path / "data"), "CORRAL_IMAGES_DIR": str(tmp_path / "imgs")}
+    )
+    assert settings.images_dir == tmp_path / "imgs"
+    assert settings.images_path == tmp_path / "imgs"
+    assert Settings.from_env({"CORRAL_IMAGES_DIR": ""}).images_dir is None
+
+
+@pytest.mark.usefixtures("as_root")
+def test_warm_pool_size_is_read_like_the_other_integers() -> None:
+    """Every other integer setting accepts " 42 " (see test_integers); the pool size should too."""
+    assert Settings.from_env({"CORRAL_WARM_POOL_SIZE": " 3 "}).warm_pool_size == 3

@@ -195,9 +195,9 @@ def vm_name(name: str) -> str:
 
 def ssh_public_key(text: str) -> str:
     """An OpenSSH public key line (``type base64 [comment]``) whose blob names the same key type."""
-    parts = text.strip().split(" ", 2)
-    if any(not c.isprintable() for c in text.strip()):
+    if any(not (c.isprintable() or c == "\t") for c in text.strip()):
         raise ValueError("public_key must be one line of printable text (one OpenSSH public key)")
+    parts = re.split(r"[ \t]+", text.strip(), maxsplit=2)
     if len(text) > 16384 or len(parts) < 2 or parts[0] not in _SSH_KEY_TYPES:
         raise ValueError(
             "public_key must be an OpenSSH public key such as 'ssh-ed25519 AAAAC3Nza... comment'"

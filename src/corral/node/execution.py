@@ -65,6 +65,14 @@ def _session_of(pid: int) -> int | None:
         return None
 
 
+def _group_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _parent_of(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -88,17 +96,25 @@ def tree_of(leader: int, candidates: set[int]) -> set[int]:
     return tree
 
 
-def kill_tree(node: Spawner, cid: str, leader: int | None) -> None:
+def kill_tree(node: Spawner, cid: str, leader: int | None, *, deadline_s: float = 10.0) -> None:
+    """SIGKILL the command's process group at once (the kernel signals a group atomically with respect to
+    fork, so a fork bomb cannot outrun it), then every process of the sandbox still in the command's session
+    or descended from it, until none is left."""
     if leader is None:
         return
-    for _ in range(3):  # processes forked while we kill: go again until none is left
+    end = time.monotonic() + deadline_s
+    while True:
+        members = node.sandbox_pids(cid)
+        if any(_group_of(p) == leader for p in members):  # the group is the sandbox's, not a reused id
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(leader, signal.SIGKILL)
         victims = tree_of(leader, node.sandbox_pids(cid))
-        if not victims:
+        if not victims or time.monotonic() > end:
             return
         for pid in victims:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        time.sleep(0.01)
+        time.sleep(0.005)
 
 
 def run_streaming(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterable, Iterator
@@ -223,19 +224,46 @@ def _kind(mode: int) -> str:
     return "other"
 
 
-def resolve_user(files: SandboxFiles, user: str) -> str:
-    """``uid[:gid]`` for crun/runc from a numeric id or a user name in the sandbox's /etc/passwd."""
-    head, _, group = user.partition(":")
-    if head.isdigit() and (not group or group.isdigit()):
-        if int(head) > 65535 or (group and int(group) > 65535):
-            raise FileError("invalid", "user ids inside a sandbox are 0-65535")
-        return user
+_NUMERIC_USER = re.compile(r"([0-9]+)(?::([0-9]+))?")
+
+
+def _lookup(files: SandboxFiles, table: str, name: str) -> list[str] | None:
     try:
-        passwd = files.read_small("/etc/passwd").decode(errors="replace")
+        text = files.read_small(table).decode(errors="replace")
     except FileError:
-        passwd = ""
-    for line in passwd.splitlines():
+        return None
+    for line in text.splitlines():
         fields = line.split(":")
-        if len(fields) >= 4 and fields[0] == head:
-            return f"{fields[2]}:{group if group.isdigit() else fields[3]}"
-    raise FileError("invalid", f"no user {head!r} in the sandbox")
+        if len(fields) >= 4 and fields[0] == name:
+            return fields
+    return None
+
+
+def resolve_user(files: SandboxFiles, user: str) -> str:
+    """``uid:gid`` for crun/runc from ``uid``, ``uid:gid``, ``name`` or ``name:group`` (names looked up in the
+    sandbox's /etc/passwd and /etc/group)."""
+    numeric = _NUMERIC_USER.fullmatch(user)
+    if numeric:
+        uid, gid = int(numeric[1]), numeric[2]
+        if uid > 65535 or (gid is not None and int(gid) > 65535):
+            raise FileError("invalid", "user ids inside a sandbox are 0-65535")
+        return f"{uid}:{int(gid)}" if gid is not None else str(uid)
+    head, sep, group = user.partition(":")
+    if not head or (sep and not group):
+        raise FileError("invalid", f"{user!r} is not a user: give a name, a uid or uid:gid")
+    if head.isascii() and head.isdigit():
+        uid_text = head
+        passwd_gid = None
+    else:
+        entry = _lookup(files, "/etc/passwd", head)
+        if entry is None:
+            raise FileError("invalid", f"no user {head!r} in the sandbox")
+        uid_text, passwd_gid = entry[2], entry[3]
+    if not group:
+        return f"{uid_text}:{passwd_gid}" if passwd_gid is not None else uid_text
+    if group.isascii() and group.isdigit():
+        return f"{uid_text}:{group}"
+    gentry = _lookup(files, "/etc/group", group)
+    if gentry is None:
+        raise FileError("invalid", f"no group {group!r} in the sandbox")
+    return f"{uid_text}:{gentry[2]}"

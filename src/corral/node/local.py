@@ -128,6 +128,9 @@ class LocalNode:
             bundle = self.bundles / cid
             bundle.mkdir(mode=0o711, exist_ok=True)
             target = bundle / "rootfs"
+            if fresh:
+                (volume / "upper").mkdir(mode=0o755, exist_ok=True)
+                rootfs.seed_identity(volume, hostname, self.root_uid())
             rootfs.mount_overlay(image.lowers_top_first, volume, target, root_uid=self.root_uid())
             spec = SandboxSpec(
                 hostname=hostname,

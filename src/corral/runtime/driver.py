@@ -25,7 +25,8 @@ class OciRuntime:
     def create(self, cid: str, bundle: Path) -> int:
         """Create the container (its init waits for ``start``); return the init's host PID."""
         pid_file = bundle / "init.pid"
-        run_detached(self.cli.create(cid, str(bundle), str(pid_file)), bundle / "create.log", timeout=60)
+        log = bundle / "runtime.log"
+        run_detached(self.cli.create(cid, str(bundle), str(pid_file), str(log)), log, timeout=60)
         return int(pid_file.read_text().strip())
 
     def start(self, cid: str) -> None:

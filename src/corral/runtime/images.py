@@ -68,7 +68,13 @@ def shift_ownership(root: Path, base: int) -> None:
     if base == 0:
         return
 
+    seen: set[tuple[int, int]] = set()
+
     def shift(path: str, st: os.stat_result) -> None:
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):  # a hard link: one inode, shifted once
+            if (st.st_dev, st.st_ino) in seen:
+                return
+            seen.add((st.st_dev, st.st_ino))
         os.lchown(path, st.st_uid + base, st.st_gid + base)
         if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
             os.chmod(path, stat.S_IMODE(st.st_mode))
@@ -100,7 +106,7 @@ def apt_sources(sources_file: Path = Path("/etc/apt/sources.list.d/debian.source
                     continue
                 key, _, value = line.partition(":")
                 fields[key.strip()] = value.strip()
-            if "deb" not in fields.get("Types", "").split():
+            if "deb" not in fields.get("Types", "").split() or fields.get("Enabled", "yes").lower() == "no":
                 continue
             for uri in fields.get("URIs", "").split():
                 for suite in fields.get("Suites", "").split():
@@ -136,10 +142,9 @@ class ImageStore:
     def get(self, name: str) -> Image | None:
         meta = self._dir(name) / "image.json"
         try:
-            data = json.loads(meta.read_text())
-        except (OSError, ValueError):
+            return self._image(self._dir(name), json.loads(meta.read_text()))
+        except (OSError, ValueError, KeyError, TypeError, AssertionError):
             return None
-        return self._image(self._dir(name), data)
 
     def all(self) -> list[Image]:
         if not self.root.is_dir():

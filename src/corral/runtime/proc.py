@@ -20,19 +20,29 @@ class CommandFailed(RuntimeError):
 
 
 def run_detached(argv: Sequence[str], log: Path, *, timeout: float = 60.0) -> None:
-    """Run a command that leaves a process behind (``crun create``): its stdio must not be pipes we wait
-    on, or we would wait for the container's init. stderr goes to ``log``, read back when it fails."""
-    with open(log, "wb") as err:
-        try:
-            done = subprocess.run(
-                list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, timeout=timeout
-            )
-        except FileNotFoundError as exc:
-            raise CommandFailed(argv, 127, f"{argv[0]} is not installed") from exc
-        except subprocess.TimeoutExpired as exc:
-            raise CommandFailed(argv, -9, f"timed out after {timeout} s") from exc
+    """Run a command that leaves a process behind (``crun create``) with all its stdio on /dev/null: the
+    process left behind inherits it (a pipe we waited on would never close; a host file would be writable
+    from inside the sandbox). The command must write its own messages to ``log`` (``--log``), read back when
+    it fails."""
+    try:
+        done = subprocess.run(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise CommandFailed(argv, 127, f"{argv[0]} is not installed") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise CommandFailed(argv, -9, f"timed out after {timeout} s") from exc
     if done.returncode != 0:
-        raise CommandFailed(argv, done.returncode, log.read_text(errors="replace")[-4000:])
+        try:
+            message = log.read_text(errors="replace")[-4000:]
+        except OSError:
+            message = ""
+        raise CommandFailed(argv, done.returncode, message or "no message")
 
 
 def run(argv: Sequence[str], *, timeout: float = 60.0, input_text: str | None = None) -> str:

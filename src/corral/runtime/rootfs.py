@@ -23,7 +23,10 @@ def overlay_options(lowers: Sequence[Path], upper: Path, work: Path) -> str:
 
 def mount_overlay(lowers: Sequence[Path], volume: Path, target: Path, *, root_uid: int) -> None:
     """Mount the sandbox root at ``target``; ``upper``/``work`` are made inside ``volume`` (kept if present, so
-    a stopped sandbox starts again from the same disk). The upper's root belongs to the sandbox's root."""
+    a stopped sandbox starts again from the same disk). The upper's root belongs to the sandbox's root.
+
+    The layers are named to the kernel as ``/proc/self/fd/N`` of descriptors opened here, so the mount table a
+    sandbox can read (``/proc/self/mountinfo``) shows no host path."""
     upper, work = volume / "upper", volume / "work"
     for d in (upper, work):
         d.mkdir(mode=0o755, exist_ok=True)
@@ -31,7 +34,34 @@ def mount_overlay(lowers: Sequence[Path], volume: Path, target: Path, *, root_ui
     target.mkdir(parents=True, exist_ok=True)
     if os.path.ismount(target):
         return
-    syscalls.mount("overlay", str(target), "overlay", 0, overlay_options(lowers, upper, work))
+    fds = [os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for p in (*lowers, upper, work)]
+    try:
+        named = [Path(f"/proc/self/fd/{fd}") for fd in fds]
+        syscalls.mount(
+            "overlay", str(target), "overlay", 0, overlay_options(named[:-2], named[-2], named[-1])
+        )
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def seed_identity(volume: Path, hostname: str, root_uid: int) -> None:
+    """Give a new sandbox its own /etc/hostname and /etc/hosts, and an empty /etc/resolv.conf (the network
+    sets the resolver), in its upper layer: images built on a host carry that host's copies."""
+    etc = volume / "upper" / "etc"
+    etc.mkdir(mode=0o755, exist_ok=True)
+    os.chown(etc, root_uid, root_uid)
+    files = {
+        "hostname": f"{hostname}\n",
+        "hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+        "resolv.conf": "# no resolver: this sandbox has no network yet\n",
+    }
+    for name, text in files.items():
+        path = etc / name
+        path.unlink(missing_ok=True)
+        path.write_text(text)
+        os.chown(path, root_uid, root_uid)
+        path.chmod(0o644)
 
 
 def unmount(target: Path) -> None:

@@ -9,7 +9,9 @@ apt/dpkg, threads, event loops, sockets); what is left out is what reaches past 
 Choices that differ from, or go further than, Docker's default:
 
 * ``ptrace``, ``process_vm_readv``/``process_vm_writev``, ``kcmp`` and ``pidfd_getfd`` are denied, on any
-  kernel: a sandboxed process may not read or drive another one (so ``strace`` and ``gdb`` do not work).
+  kernel: a sandboxed process may not trace or drive another one through them (so ``strace`` and ``gdb``
+  do not work). Reading ``/proc/<pid>/mem`` of a process of the same user inside the same sandbox is still
+  possible (ordinary ptrace access rules; the host has no Yama): it never reaches past the sandbox.
 * ``clone3`` answers ``ENOSYS`` (its flags live in memory, where seccomp cannot look): glibc then falls back
   to ``clone``, whose flags are checked — no namespace bits.
 * ``clock_adjtime``, ``clock_settime`` and ``settimeofday`` are denied outright. The raw ``adjtimex`` syscall
