@@ -81,9 +81,11 @@ def _parent_of(pid: int) -> int | None:
         return None
 
 
-def tree_of(leader: int, candidates: set[int]) -> set[int]:
-    """The processes among ``candidates`` in ``leader``'s session or descended from it."""
-    tree = {p for p in candidates if _session_of(p) == leader}
+def tree_of(leader: int, candidates: set[int], session: int | None = None) -> set[int]:
+    """The processes among ``candidates`` in the command's session (``session``, by default ``leader``'s
+    own id) or descended from ``leader``."""
+    sid = leader if session is None else session
+    tree = {p for p in candidates if _session_of(p) == sid}
     for p in candidates - tree:
         q: int | None = p
         for _ in range(64):
@@ -96,19 +98,38 @@ def tree_of(leader: int, candidates: set[int]) -> set[int]:
     return tree
 
 
-def kill_tree(node: Spawner, cid: str, leader: int | None, *, deadline_s: float = 10.0) -> None:
+@dataclass(frozen=True)
+class Command:
+    """A command's process as the runtime started it: its host pid, and its session and process group
+    (the runtime makes it a session of its own; an intermediate process may be the session's id)."""
+
+    pid: int
+    session: int | None
+    group: int | None
+
+
+def identify(pid: int | None) -> Command | None:
+    if pid is None:
+        return None
+    return Command(pid, _session_of(pid), _group_of(pid))
+
+
+def kill_tree(node: Spawner, cid: str, command: Command | int | None, *, deadline_s: float = 10.0) -> None:
     """SIGKILL the command's process group at once (the kernel signals a group atomically with respect to
     fork, so a fork bomb cannot outrun it), then every process of the sandbox still in the command's session
     or descended from it, until none is left."""
-    if leader is None:
+    if command is None:
         return
+    if isinstance(command, int):
+        command = Command(command, command, command)
     end = time.monotonic() + deadline_s
     while True:
         members = node.sandbox_pids(cid)
-        if any(_group_of(p) == leader for p in members):  # the group is the sandbox's, not a reused id
+        group = command.group
+        if group and any(_group_of(p) == group for p in members):  # the sandbox's group, not a reused id
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(leader, signal.SIGKILL)
-        victims = tree_of(leader, node.sandbox_pids(cid))
+                os.killpg(group, signal.SIGKILL)
+        victims = tree_of(command.pid, node.sandbox_pids(cid), command.session)
         if not victims or time.monotonic() > end:
             return
         for pid in victims:
@@ -132,7 +153,9 @@ def run_streaming(
     with tempfile.TemporaryDirectory(prefix="corral-exec-") as tmp:
         pid_file = Path(tmp) / "pid"
         proc = node.spawn_process(cid, args, env=env, cwd=cwd, user=user, pid_file=pid_file)
-        leader: int | None = None
+        # learn the command's session at once: a command may exit within milliseconds and leave its
+        # children (a fork bomb's first shell does), and only the session still names them then
+        leader: Command | None = _await_identity(pid_file, proc)
         timed_out = False
         sel = selectors.DefaultSelector()
         streams = {"stdout": proc.stdout, "stderr": proc.stderr}
@@ -148,7 +171,7 @@ def run_streaming(
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 and not timed_out:
                     timed_out = True
-                    leader = leader or _read_pid(pid_file)
+                    leader = leader or identify(_read_pid(pid_file))
                     kill_tree(node, cid, leader)
                     deadline = time.monotonic() + 2.0  # drain what is left, then stop waiting
                     continue
@@ -165,19 +188,19 @@ def run_streaming(
                         continue
                     yield Output(str(key.data), data)
                 if leader is None:
-                    leader = _read_pid(pid_file)
+                    leader = identify(_read_pid(pid_file))
             if not timed_out:
                 try:
                     proc.wait(timeout=max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     timed_out = True
-                    kill_tree(node, cid, leader or _read_pid(pid_file))
+                    kill_tree(node, cid, leader or identify(_read_pid(pid_file)))
         finally:
             sel.close()
             if proc.poll() is None:
                 # timed out, or the reader went away (client disconnected): end the command's tree, and let
                 # the runtime's exec process exit by itself (killing it would leave its child unreaped)
-                kill_tree(node, cid, leader or _read_pid(pid_file))
+                kill_tree(node, cid, leader or identify(_read_pid(pid_file)))
                 try:
                     proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:
@@ -188,6 +211,18 @@ def run_streaming(
             yield Exit(TIMEOUT_EXIT_CODE, True, duration)
         else:
             yield Exit(code if code >= 0 else 128 - code, False, duration)
+
+
+def _await_identity(pid_file: Path, proc: subprocess.Popen[bytes], wait_s: float = 0.5) -> Command | None:
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end:
+        command = identify(_read_pid(pid_file))
+        if command is not None and command.session is not None:
+            return command
+        if proc.poll() is not None:
+            return command
+        time.sleep(0.0002)
+    return None
 
 
 def _read_pid(pid_file: Path) -> int | None:
