@@ -75,12 +75,37 @@ def wait_for(check: Callable[[], bool], deadline: float = 30.0) -> None:
 
 @pytest.fixture
 def killer() -> Iterator[list[int]]:
-    """PIDs to SIGKILL at the end of the test (whatever happened), with their sessions."""
+    """PIDs to SIGKILL at the end of the test (whatever happened), with their sessions, and every process
+    that carries this module's environment mark (a child that escaped by ``setsid`` while its parent died)."""
     pids: list[int] = []
     yield pids
-    for pid in {*pids, *(m for p in pids for m in _session_members(p))}:
+    for pid in {*pids, *(m for p in pids for m in _session_members(p)), *_marked()}:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+MARK = f"CORRAL_TEST_EXEC_{os.getpid()}"
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers() -> Iterator[None]:
+    """Whatever a test started (and marked) is gone after it."""
+    yield
+    for pid in _marked():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _marked() -> set[int]:
+    """Processes started by this test module (their environment holds MARK)."""
+    found: set[int] = set()
+    needle = f"{MARK}=1".encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                if needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    found.add(int(entry))
+    return found
 
 
 @pytest.fixture
@@ -121,7 +146,7 @@ def _start_session(
     command: str, procs: list[subprocess.Popen[bytes]], killer: list[int], children: int
 ) -> tuple[int, set[int]]:
     """Start ``sh -c command`` as a session leader; wait until it has ``children`` children."""
-    leader = subprocess.Popen(["sh", "-c", command], start_new_session=True)
+    leader = subprocess.Popen(["sh", "-c", command], start_new_session=True, env={**os.environ, MARK: "1"})
     procs.append(leader)
     wait_for(lambda: len(_children(leader.pid)) >= children)
     kids = _children(leader.pid)
@@ -209,7 +234,7 @@ class LocalSpawner:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, MARK: "1", **(env or {})},
             cwd=cwd,
         )
         self.leaders[cid] = proc.pid
