@@ -34,6 +34,7 @@ import copy
 import itertools
 import json
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +44,8 @@ import schemathesis
 from schemathesis.engine import Status, StopReason, events, from_schema
 from schemathesis.generation import GenerationMode
 
-from tests.support import Account, Server
+from tests.support import Account, Server, node_server, signup
+from tests.vmtools import public_key
 
 SEED = 20260228
 MAX_EXAMPLES = 100  # per operation, fuzzing phase; the coverage and stateful phases are bounded on their own
@@ -91,6 +93,8 @@ DICTIONARIES = {
     "cidrs": ["10.0.0.0/8", "192.168.1.0/24", "2001:db8::/32"],
     "emails": ["alice@example.com", "bob@example.org"],
     "env-keys": ["NODE_ENV", "FOO", "_X1"],
+    "public-keys": [public_key()],
+    "commands": ["true", "echo hi", "exit 3"],
 }
 BINDINGS = {
     "body.name": "names",
@@ -101,6 +105,8 @@ BINDINGS = {
     "body.email": "emails",
     "path.key": "env-keys",
     "query.cursor": "cursors",
+    "body.public_key": "public-keys",
+    "body.command": "commands",
 }
 
 # Operations that take no parameters and no body: there is nothing to make invalid.
@@ -225,7 +231,22 @@ def operation_labels(spec: dict[str, Any]) -> set[str]:
     return {f"{method.upper()} {path}" for path, item in spec["paths"].items() for method in item}
 
 
-def test_every_operation_conforms_to_the_schema(server: Server, account: Account) -> None:
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with sandboxes: VM operations are fuzzed against real ones (made with the test key)."""
+    with node_server(tmp_path_factory.mktemp("fuzz"), CORRAL_WARM_POOL_SIZE="1") as srv:
+        yield srv
+
+
+@pytest.fixture
+def fuzz_account(fuzz_server: Server) -> Iterator[Account]:
+    acct = signup(fuzz_server)
+    yield acct
+    acct.client.close()
+
+
+def test_every_operation_conforms_to_the_schema(fuzz_server: Server, fuzz_account: Account) -> None:
+    server, account = fuzz_server, fuzz_account
     expected = operation_labels(load_spec(server))
     config = schemathesis.Config.from_dict(fuzz_config(server, account.token))
     # Loaded from the live server's URL, exactly as a client sees it.
@@ -253,13 +274,16 @@ def test_every_operation_conforms_to_the_schema(server: Server, account: Account
         ("POST /v1/secrets", 201),
         ("POST /v1/egress/rules", 201),
         ("PUT /v1/env/{key}", 200),
+        ("POST /v1/vms", 201),
+        ("POST /v1/vms/{vm_id}/exec", 200),
     ):
         assert report.statuses[label][created] > 0, (label, report.statuses[label])
     for label in ("DELETE /v1/secrets/{secret_id}", "DELETE /v1/egress/rules/{rule_id}"):
         assert report.statuses[label][204] > 0, (label, report.statuses[label])
 
 
-def test_the_fuzz_run_can_fail(server: Server, account: Account) -> None:
+def test_the_fuzz_run_can_fail(fuzz_server: Server, fuzz_account: Account) -> None:
+    server, account = fuzz_server, fuzz_account
     """The same run against a schema that disagrees with the server reports each kind of mismatch."""
     spec = copy.deepcopy(load_spec(server))
     paths, schemas = spec["paths"], spec["components"]["schemas"]

@@ -43,4 +43,8 @@ def test_secret_value_is_only_ever_stored_encrypted(server: Server, account: Acc
 
     key_file = server.data_dir / "secret.key"
     assert key_file.stat().st_mode & 0o777 == 0o600
-    assert server.data_dir.stat().st_mode & 0o777 == 0o700
+    assert (
+        server.data_dir.stat().st_mode & 0o777 == 0o711
+    )  # passable (sandbox roots live below), not listable
+    for db_file in server.data_dir.glob("*.db*"):
+        assert db_file.stat().st_mode & 0o777 == 0o600, db_file
