@@ -12,7 +12,7 @@ from tests.support import Account, Server, running_server, signup
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _restore_cgroup_layout() -> Iterator[None]:
+def _restore_cgroup_layout(_leaves_the_host_as_it_found_it: None) -> Iterator[None]:
     """A node server mounts the hugetlb cgroup hierarchy (crun needs it on this host): unmount it after
     the run if it was not there before, so the run leaves the machine as it found it."""
     target = Path("/sys/fs/cgroup/hugetlb")
@@ -22,6 +22,26 @@ def _restore_cgroup_layout() -> Iterator[None]:
         subprocess.run(["umount", str(target)], check=False)
         with contextlib.suppress(OSError):
             target.rmdir()
+
+
+def _host_state() -> set[str]:
+    """What a test run could leave on this host: mounts, loop devices and Corral cgroups."""
+    state = {f"mount {line.split()[4]}" for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    loops = subprocess.run(
+        ["losetup", "--list", "--noheadings", "--output", "BACK-FILE"], capture_output=True, text=True
+    )
+    state |= {f"loop {line.strip()}" for line in loops.stdout.splitlines() if line.strip()}
+    state |= {f"cgroup {p}" for p in Path("/sys/fs/cgroup").glob("*/corral-*")}
+    return state
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leaves_the_host_as_it_found_it() -> Iterator[None]:
+    """The whole run leaves no mount, loop device or cgroup behind (checked after every server stopped)."""
+    before = _host_state()
+    yield
+    left = sorted(_host_state() - before)
+    assert not left, "the test run left these on the host:\n" + "\n".join(left)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from tests.support import free_port
 
 
 def test_readyz_is_503_when_the_database_is_gone(tmp_path: Path) -> None:
-    settings = Settings.from_env({"CORRAL_DATA_DIR": str(tmp_path)})
+    settings = Settings.from_env({"CORRAL_DATA_DIR": str(tmp_path), "CORRAL_NODE": "off"})
     app = create_app(settings)
     state: AppState = app.state.corral
     with TestClient(app) as client:

@@ -24,7 +24,7 @@ from corral.security.secretbox import AesGcmCipher, load_or_create_key
 from corral.services.context import Services
 from corral.services.lifecycle import Lifecycle
 from corral.services.vms import ResourceLimits
-from corral.store.db import make_engine, migrate, session_factory
+from corral.store.db import make_engine, migrate, read_session_factory, session_factory
 
 log = logging.getLogger("corral")
 
@@ -39,7 +39,11 @@ Errors return `{"error": {"code", "message"}}`. Timestamps are ISO 8601 UTC.
 
 
 def make_lifecycle(
-    settings: Settings, sessions: sessionmaker[Session], clock: Clock, progress: Progress | None
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    reads: sessionmaker[Session],
+    clock: Clock,
+    progress: Progress | None,
 ) -> Lifecycle:
     """The node on this host, made ready, its default image present, and reconciled with the store."""
     node = make_node(settings)
@@ -54,6 +58,7 @@ def make_lifecycle(
             max_vcpus=settings.max_vcpus, max_mem_mib=settings.max_mem_mib, max_disk_mib=settings.max_disk_mib
         ),
         pool_size=settings.warm_pool_size,
+        reads=reads,
     )
     result = life.reconcile()
     log.info(
@@ -76,7 +81,8 @@ def create_app(
     migrate(engine)
     cipher = AesGcmCipher(load_or_create_key(settings.secret_key_file))
     sessions = session_factory(engine)
-    life = make_lifecycle(settings, sessions, clock, progress) if settings.node else None
+    reads = read_session_factory(engine)
+    life = make_lifecycle(settings, sessions, reads, clock, progress) if settings.node else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -111,6 +117,7 @@ def create_app(
             Limit.per_minute(settings.anon_rate_limit_per_minute, settings.anon_rate_limit_burst)
         ),
         lifecycle=life,
+        reads=reads,
     )
     errors.install(app)
     docs.install(app)

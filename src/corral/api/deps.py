@@ -28,6 +28,7 @@ class AppState:
     key_limiter: RateLimiter
     anon_limiter: RateLimiter
     lifecycle: Lifecycle | None = None
+    reads: sessionmaker[Session] | None = None  # read-only sessions (no write lock on SQLite)
 
 
 def state(request: Request) -> AppState:
@@ -63,7 +64,7 @@ def principal(request: Request, st: StateDep) -> Principal:
     if scheme.lower() != "bearer" or not token.strip():
         charge(st, st.anon_limiter, client_key(request))
         raise Unauthorized("Authorization header must be 'Bearer <api_key>'")
-    with st.sessions() as session:
+    with (st.reads or st.sessions)() as session:
         who = authenticate(session, token.strip())
     if who is None:
         charge(st, st.anon_limiter, client_key(request))

@@ -208,6 +208,11 @@ class LocalNode:
 
     # ---- inventory and clean-up -----------------------------------------------------------------------------
 
+    def release(self) -> None:
+        """At shutdown: remove the node's cgroup parent if no sandbox is left under it."""
+        if self.node_id:
+            cgroups.prune(self.cgroup_parent)
+
     def inventory(self) -> Inventory:
         containers: dict[str, str] = {}
         for cid in self.runtime.names():

@@ -103,6 +103,13 @@ def _kill_all(cgroup: Path) -> None:
             time.sleep(0.005)
 
 
+def prune(parent: str, root: Path = CGROUP_ROOT) -> None:
+    """rmdir ``parent`` where it has no sandbox left (a running sandbox keeps it, untouched)."""
+    for d in parent_dirs(parent, root):
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+
+
 def read_stat(parent: str, name: str, controller: str, key: str, root: Path = CGROUP_ROOT) -> str | None:
     """One cgroup file's content, from the v1 controller hierarchy or the v2 tree."""
     base = root if is_pure_v2(root) else root / controller

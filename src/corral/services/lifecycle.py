@@ -71,8 +71,10 @@ class Lifecycle:
         limits: vms.ResourceLimits,
         pool_size: int = 0,
         workers: int = 8,
+        reads: sessionmaker[Session] | None = None,
     ) -> None:
         self.sessions = sessions
+        self.reads = reads or sessions
         self.clock = clock
         self.node = node
         self.default_image = default_image
@@ -104,7 +106,7 @@ class Lifecycle:
             yield
 
     def _load(self, vm_id: str) -> Vm:
-        with self.sessions() as session:
+        with self.reads() as session:
             row = session.get(Vm, vm_id)
         if row is None:
             raise vms.vm_not_found(vm_id)
@@ -130,6 +132,7 @@ class Lifecycle:
     def close(self) -> None:
         self.pool.close()
         self._executor.shutdown(wait=True, cancel_futures=False)
+        self.node.release()
 
     # ---- create ---------------------------------------------------------------------------------------------
 
@@ -256,7 +259,7 @@ class Lifecycle:
             self._move(vm_id, Detail.DESTROYED, Detail.DESTROYING)
 
     def _owned(self, user_id: str, vm_id: str) -> Vm:
-        with self.sessions() as session:
+        with self.reads() as session:
             return vms.get_vm(session, user_id, vm_id)
 
     def running_container(self, user_id: str, vm_id: str) -> str:

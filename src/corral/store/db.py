@@ -52,7 +52,11 @@ def make_engine(url: str) -> Engine:
         def _sqlite_begin(conn: Any) -> None:
             # Serialise transactions: SQLite has one writer anyway, and a transaction that reads and then
             # writes must not see its snapshot go stale under it (what SELECT ... FOR UPDATE does elsewhere).
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Sessions from ``read_session_factory`` only read: a plain BEGIN, readers run side by side.
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -72,6 +76,15 @@ def migrate(engine: Engine) -> None:
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+READ_ONLY = "corral_read_only"
+
+
+def read_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions that only read (lookups on hot paths: authentication, VM state). On SQLite they do not take
+    the write lock; writing through one is a bug (SQLite would take the lock late and may answer busy)."""
+    return sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
 
 @contextmanager

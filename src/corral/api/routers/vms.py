@@ -111,7 +111,7 @@ def list_vms(
     order: SortOrder = None,
 ) -> ListEnvelope[VmOut]:
     request = page_request(vms.LIST, limit=limit, cursor=cursor, sort=sort, order=order)
-    with st.sessions() as session:
+    with (st.reads or st.sessions)() as session:
         page = vms.list_vms(
             session,
             who.user_id,
@@ -126,7 +126,7 @@ def list_vms(
 
 @router.get("/{vm_id}", response_model=VmOut, summary="Get a VM", responses=errors(*AUTHED, 404))
 def get_vm(vm_id: VmId, who: PrincipalDep, st: StateDep) -> VmOut:
-    with st.sessions() as session:
+    with (st.reads or st.sessions)() as session:
         return vm_out(vms.get_vm(session, who.user_id, vm_id))
 
 
