@@ -25,8 +25,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support import node_server, signup  # noqa: E402
-from tests.vmtools import public_key, unique_name  # noqa: E402
+from tests.support import node_server, signup
+from tests.vmtools import public_key, unique_name
 
 
 def pct(values: list[float], q: float) -> float:
@@ -83,10 +83,13 @@ def main() -> None:
     args = parser.parse_args()
     key = public_key()
     print(f"# Corral lifecycle benchmark, {time.strftime('%Y-%m-%d %H:%M')} UTC")
-    print(f"# host: {platform.node()}, {platform.platform()}, {__import__('os').cpu_count()} cores, runtime {args.runtime}")
-    with tempfile.TemporaryDirectory() as tmp, node_server(
-        Path(tmp), CORRAL_WARM_POOL_SIZE="4", CORRAL_RUNTIME=args.runtime
-    ) as srv:
+    print(
+        f"# host: {platform.node()}, {platform.platform()}, {__import__('os').cpu_count()} cores, runtime {args.runtime}"
+    )
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        node_server(Path(tmp), CORRAL_WARM_POOL_SIZE="4", CORRAL_RUNTIME=args.runtime) as srv,
+    ):
         acct = signup(srv)
         c = acct.client
         c.timeout = httpx.Timeout(120.0)
@@ -96,11 +99,9 @@ def main() -> None:
 
         pooled, pooled_server, cold, cold_server, execs, stops, destroys = [], [], [], [], [], [], []
         for _ in range(args.runs):
-            while True:  # let the pool refill, so each create finds a booted sandbox
-                time.sleep(0.15)
-                if _pool_full(srv.log):
-                    break
+            time.sleep(0.4)  # the pool refills (one boot, ~40-60 ms) before the next create and the execs
             ms, server_ms, vm_id = create_to_ready(c, key)
+            time.sleep(0.4)  # and after the hand-over, so the refill does not run during the execs
             pooled.append(ms)
             pooled_server.append(float(server_ms or 0))
             for _ in range(5):
@@ -111,6 +112,16 @@ def main() -> None:
             s, d = stop_destroy(c, vm_id)
             stops.append(s)
             destroys.append(d)
+        raw = []
+        state = srv.data_dir / "node" / "state"
+        _, _, probe = create_to_ready(c, key)
+        for _ in range(50):
+            t = time.perf_counter()
+            subprocess.run(
+                ["crun", "--root", str(state), "exec", "--no-new-privs", probe, "true"], check=True
+            )
+            raw.append((time.perf_counter() - t) * 1000)
+        stop_destroy(c, probe)
         for _ in range(args.runs):
             # a non-default size never comes from the pool: a cold boot
             ms, server_ms, vm_id = create_to_ready(c, key, mem_mib=768)
@@ -123,7 +134,8 @@ def main() -> None:
         print(line("create-to-ready, warm pool (server create_ms)", pooled_server))
         print(line("create-to-ready, cold (client)", cold))
         print(line("create-to-ready, cold (server create_ms)", cold_server))
-        print(line("exec `true` round trip", execs))
+        print(line("exec `true` round trip (API)", execs))
+        print(line("  of which the runtime alone (crun exec)", raw))
         print(line("stop", stops))
         print(line("destroy", destroys))
 
@@ -136,14 +148,12 @@ def main() -> None:
         settle()
         after = mem_used_kib()
         per = (after - before) / len(ids) / 1024
-        print(f"{'host memory per idle sandbox':<42} {per:7.2f} MiB   ({len(ids)} sandboxes, MemTotal-MemAvailable)")
+        print(
+            f"{'host memory per idle sandbox':<42} {per:7.2f} MiB   ({len(ids)} sandboxes, MemTotal-MemAvailable)"
+        )
         with ThreadPoolExecutor(max_workers=4) as pool:
             list(pool.map(lambda vm_id: stop_destroy(c, vm_id), ids))
         c.close()
-
-
-def _pool_full(log: Path) -> bool:
-    return True  # refills take ~40 ms each; the 150 ms pause between creates leaves time for one
 
 
 if __name__ == "__main__":

@@ -150,8 +150,9 @@ def run_streaming(
 ) -> Iterator[Event]:
     """Run ``args`` in sandbox ``cid``; yield output chunks as they arrive, then one Exit."""
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="corral-exec-") as tmp:
-        pid_file = Path(tmp) / "pid"
+    tmp = tempfile.mkdtemp(prefix="corral-exec-")  # private (0700): the runtime writes the pid file here
+    pid_file = Path(tmp) / "pid"
+    try:
         proc = node.spawn_process(cid, args, env=env, cwd=cwd, user=user, pid_file=pid_file)
         # learn the command's session at once: a command may exit within milliseconds and leave its
         # children (a fork bomb's first shell does), and only the session still names them then
@@ -211,6 +212,9 @@ def run_streaming(
             yield Exit(TIMEOUT_EXIT_CODE, True, duration)
         else:
             yield Exit(code if code >= 0 else 128 - code, False, duration)
+    finally:
+        pid_file.unlink(missing_ok=True)
+        os.rmdir(tmp)
 
 
 def _await_identity(pid_file: Path, proc: subprocess.Popen[bytes], wait_s: float = 0.5) -> Command | None:

@@ -262,9 +262,9 @@ class Lifecycle:
         with self.reads() as session:
             return vms.get_vm(session, user_id, vm_id)
 
-    def running_container(self, user_id: str, vm_id: str) -> str:
+    def running_container(self, user_id: str, vm_id: str, session: Session | None = None) -> str:
         """The container id of the caller's VM, which must be able to run a command now."""
-        vm = self._owned(user_id, vm_id)
+        vm = vms.get_vm(session, user_id, vm_id) if session is not None else self._owned(user_id, vm_id)
         if Detail(vm.status_detail) not in EXECUTABLE or not vm.container_id:
             raise Conflict(f"VM is not running (it is {vm.status_detail})", code="vm_not_running")
         return vm.container_id

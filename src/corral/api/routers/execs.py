@@ -111,8 +111,8 @@ class _Prepared:
 def _prepare(st: StateDep, user_id: str, vm_id: str, body: ExecRequest) -> _Prepared:
     life = lifecycle_of(st)
     args = _validated(body)
-    cid = life.running_container(user_id, vm_id)
     with (st.reads or st.sessions)() as session:
+        cid = life.running_container(user_id, vm_id, session)
         env = {**env_service.environment_of(session, user_id), **body.env}
     prepared = _Prepared(life, cid, args, env, body)
     if body.user is not None:
