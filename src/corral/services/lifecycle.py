@@ -116,6 +116,15 @@ class Lifecycle:
         with transaction(self.sessions) as session:
             return vms.move(session, self.clock, vm_id, target, expect=expect or None, **fields)  # type: ignore[arg-type]
 
+    def _come_up(self, vm_id: str, *, created: bool = False, **fields: object) -> None:
+        """(creating ->) starting -> running -> ready, in one transaction: the sandbox runs, and a command can
+        run now."""
+        with transaction(self.sessions) as session:
+            if created:
+                vms.move(session, self.clock, vm_id, Detail.STARTING, expect=[Detail.CREATING])
+            vms.move(session, self.clock, vm_id, Detail.RUNNING, expect=[Detail.STARTING])
+            vms.move(session, self.clock, vm_id, Detail.READY, expect=[Detail.RUNNING], **fields)  # type: ignore[arg-type]
+
     def _image(self, name: str) -> Image:
         image = self.node.images.get(name)
         if image is None:
@@ -197,9 +206,7 @@ class Lifecycle:
         if not self._move(vm.id, Detail.CREATING, Detail.QUEUED, container_id=cid):
             return
         self.node.boot(cid, self._image(vm.image), self._resources(vm), hostname_for(vm.id), fresh=True)
-        self._move(vm.id, Detail.STARTING, Detail.CREATING)
-        self._move(vm.id, Detail.RUNNING, Detail.STARTING)
-        self._move(vm.id, Detail.READY, Detail.RUNNING, create_ms=self._elapsed_ms(vm.id))
+        self._come_up(vm.id, created=True, create_ms=self._elapsed_ms(vm.id))
 
     # ---- start / stop / destroy -----------------------------------------------------------------------------
 
@@ -222,8 +229,7 @@ class Lifecycle:
             except Exception as exc:
                 self._move(vm_id, Detail.FAILED, Detail.STARTING, reason=_reason(exc))
                 raise VmFailed(f"VM failed to start: {_reason(exc)}") from None
-            self._move(vm_id, Detail.RUNNING, Detail.STARTING)
-            self._move(vm_id, Detail.READY, Detail.RUNNING)
+            self._come_up(vm_id)
             return self._load(vm_id)
 
     def stop(self, user_id: str, vm_id: str) -> Vm:
