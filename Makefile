@@ -8,7 +8,14 @@ PORT ?= 8000
 
 .PHONY: install system-deps run test lint typecheck test-sqlite test-postgres lock clean
 
-install: $(STAMP)
+AGENT := src/corral/node/agent/corral-init
+
+install: $(STAMP) $(AGENT)
+
+# Each sandbox's pid 1: a small static C program (reaps orphans, runs commands for the host).
+$(AGENT): src/corral/node/agent/init.c
+	scripts/system-deps
+	gcc -O2 -static -Wall -Wextra -Werror -o $@ $<
 
 $(STAMP): requirements.lock pyproject.toml scripts/python312
 	@test -x $(VENV)/bin/python || "$$(scripts/python312)" -m venv $(VENV)

@@ -88,6 +88,7 @@ class Settings:
     max_mem_mib: int = 8192
     max_disk_mib: int = 65536
     max_concurrent_requests: int = 512  # worker threads for blocking requests (execs, file transfers)
+    sandbox_init: str | None = None  # pid 1 of sandboxes: corral-init (default) or e.g. /usr/bin/catatonit
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -115,6 +116,7 @@ class Settings:
             max_mem_mib=_int(env, "CORRAL_MAX_MEM_MIB", 8192),
             max_disk_mib=_int(env, "CORRAL_MAX_DISK_MIB", 65536),
             max_concurrent_requests=_int(env, "CORRAL_MAX_CONCURRENT_REQUESTS", 512),
+            sandbox_init=env.get("CORRAL_SANDBOX_INIT") or None,
         )
 
     @property

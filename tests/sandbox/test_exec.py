@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
-from tests.support import Account
+from tests.support import Account, node_server, signup
 from tests.vmtools import create_ready, destroy, run
 
 
@@ -72,3 +73,26 @@ def test_stream_delivers_output_as_it_is_written(owner: Account) -> None:
         assert seen[-1][2]["exit_code"] == 3
     finally:
         destroy(c, vm["id"])
+
+
+def test_without_corral_init_commands_go_through_the_runtime(tmp_path: Path) -> None:
+    """With catatonit as pid 1 (no corral-init), exec uses `crun exec`: same answers, same containment."""
+    with node_server(tmp_path, CORRAL_SANDBOX_INIT="/usr/bin/catatonit") as srv:
+        acct = signup(srv)
+        c = acct.client
+        vm = create_ready(c)
+        try:
+            out = run(
+                c,
+                vm["id"],
+                "cat /proc/1/cmdline | tr '\\0' ' '; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status",
+            )
+            assert out["stdout"].splitlines() == ["/.corral/init -P NoNewPrivs:\t1", "Seccomp:\t2"], out
+            assert not (srv.data_dir / "node" / "bundles" / vm["id"] / "agent.sock").exists()
+            slow = run(c, vm["id"], "sleep 300 & sleep 301", timeout=1)
+            assert slow["timed_out"] is True
+            assert run(c, vm["id"], "ps -eo comm= | grep -c '^sleep' || true")["stdout"] == "0\n"
+            assert run(c, vm["id"], "id -u", user="nobody")["stdout"] == "65534\n"
+        finally:
+            destroy(c, vm["id"])
+            c.close()

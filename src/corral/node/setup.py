@@ -16,6 +16,7 @@ def make_node(settings: Settings) -> LocalNode:
             runtime=Runtime(settings.runtime),
             id_base=settings.sandbox_id_base,
             disk_pool_bytes=settings.disk_pool_gib * GIB,
+            init_binary=settings.sandbox_init,
         )
     )
 

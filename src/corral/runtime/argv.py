@@ -14,11 +14,14 @@ class RuntimeCli:
     def _base(self) -> list[str]:
         return [self.binary, "--root", self.state_root]
 
-    def create(self, name: str, bundle: str, pid_file: str, log: str | None = None) -> list[str]:
+    def create(
+        self, name: str, bundle: str, pid_file: str, log: str | None = None, preserve_fds: int = 0
+    ) -> list[str]:
         """``log``: the runtime's own messages go there (a global option), so the container's stdio can be
         /dev/null: whatever the runtime create inherits, the sandbox's init keeps."""
         base = [*self._base(), *(["--log", log] if log else [])]
-        return [*base, "create", "--bundle", bundle, "--pid-file", pid_file, name]
+        extra = ["--preserve-fds", str(preserve_fds)] if preserve_fds else []
+        return [*base, "create", "--bundle", bundle, "--pid-file", pid_file, *extra, name]
 
     def start(self, name: str) -> list[str]:
         return [*self._base(), "start", name]

@@ -22,11 +22,15 @@ class OciRuntime:
     def name(self) -> str:
         return Path(self.cli.binary).name
 
-    def create(self, cid: str, bundle: Path) -> int:
-        """Create the container (its init waits for ``start``); return the init's host PID."""
+    def create(self, cid: str, bundle: Path, *, fd3: int | None = None) -> int:
+        """Create the container (its init waits for ``start``); return the init's host PID. ``fd3`` is
+        handed to the init as its fd 3."""
         pid_file = bundle / "init.pid"
         log = bundle / "runtime.log"
-        run_detached(self.cli.create(cid, str(bundle), str(pid_file), str(log)), log, timeout=60)
+        argv = self.cli.create(
+            cid, str(bundle), str(pid_file), str(log), preserve_fds=1 if fd3 is not None else 0
+        )
+        run_detached(argv, log, timeout=60, fd3=fd3)
         return int(pid_file.read_text().strip())
 
     def start(self, cid: str) -> None:

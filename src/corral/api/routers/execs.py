@@ -27,7 +27,7 @@ from corral.domain.errors import (
     NotFound,
     ValidationFailed,
 )
-from corral.node.execution import Exit, Output, run_streaming, shell_argv
+from corral.node.execution import Exit, Output, shell_argv
 from corral.node.files import FileError, SandboxFiles, normalise, resolve_user
 from corral.node.local import NodeError
 from corral.services import env as env_service
@@ -97,8 +97,7 @@ class _Prepared:
         self.user: str | None = None
 
     def events(self) -> Iterator[Output | Exit]:
-        return run_streaming(
-            self.life.node,
+        return self.life.node.run(
             self.cid,
             self.args,
             env=self.env,

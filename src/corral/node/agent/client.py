@@ -1,0 +1,144 @@
+"""Running a command through a sandbox's corral-init: one unix-socket connection per command, its stdout and
+stderr as pipes handed over with SCM_RIGHTS. About 1 ms instead of the ~9 ms of starting the runtime's exec.
+
+Closing the connection before the command ends (a timeout, a client that went away) makes corral-init kill
+the command's whole session, fork bombs included."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+from corral.node.execution import TIMEOUT_EXIT_CODE, Event, Exit, Output
+
+PROTOCOL = b"corral-exec-1"
+
+
+class AgentUnavailable(Exception):
+    """The sandbox has no corral-init socket (booted with another init): use the runtime's exec."""
+
+
+def encode_request(args: Sequence[str], env: Mapping[str, str], cwd: str, uid: int, gid: int) -> bytes:
+    """The request corral-init parses: NUL-terminated fields (see init.c)."""
+    fields = [PROTOCOL, str(uid).encode(), str(gid).encode(), cwd.encode(), str(len(args)).encode()]
+    fields += [a.encode() for a in args]
+    fields.append(str(len(env)).encode())
+    fields += [f"{k}={v}".encode() for k, v in env.items()]
+    for f in fields:
+        if b"\0" in f:
+            raise ValueError("arguments and environment must not contain NUL")
+    return b"".join(f + b"\0" for f in fields)
+
+
+def parse_user(user: str | None) -> tuple[int, int]:
+    """``uid[:gid]`` (already resolved from names) as numbers; no gid means group 0, as the runtimes do."""
+    if user is None:
+        return 0, 0
+    head, _, group = user.partition(":")
+    return int(head), int(group) if group else 0
+
+
+def exit_code(status: int) -> int:
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return 255
+
+
+def run_via_agent(
+    sock_path: Path,
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str,
+    user: str | None,
+    timeout: float,
+    kill_session: Callable[[int], None] | None = None,
+) -> Iterator[Event]:
+    """``kill_session(pid)``: ends the session of the command whose pid inside the sandbox is ``pid``, from the
+    host. corral-init kills it too, but it runs inside the sandbox's CPU quota, which a fork bomb exhausts."""
+    start = time.monotonic()
+    uid, gid = parse_user(user)
+    request = encode_request(args, env, cwd, uid, gid)
+    if len(request) > (1 << 20):
+        raise ValueError("command and environment are over 1 MiB together")
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        conn.connect(str(sock_path))
+    except OSError as exc:
+        conn.close()
+        raise AgentUnavailable(str(exc)) from exc
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    sel = selectors.DefaultSelector()
+    try:
+        try:
+            socket.send_fds(conn, [request], [out_w, err_w])
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        for fd, name in ((out_r, "stdout"), (err_r, "stderr"), (conn.fileno(), "control")):
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ, name)
+        control = b""
+        status: int | None = None
+        inner_pid: int | None = None
+        open_pipes = 2
+        deadline = start + timeout
+        timed_out = False
+        while open_pipes or status is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if timed_out:
+                    break
+                timed_out = True
+                conn.shutdown(socket.SHUT_RDWR)  # corral-init kills the command's session
+                if kill_session is not None and inner_pid is not None:
+                    kill_session(inner_pid)
+                deadline = time.monotonic() + 2.0  # drain what is left
+                continue
+            for key, _ in sel.select(timeout=min(remaining, 1.0)):
+                try:
+                    data = os.read(key.fd, 65536)
+                except (BlockingIOError, ConnectionResetError):
+                    continue
+                if key.data == "control":
+                    if not data:
+                        sel.unregister(key.fd)
+                        if status is None and not timed_out:
+                            message = control.decode(errors="replace").strip()
+                            raise RuntimeError(f"the sandbox's init dropped the command: {message!r}")
+                        continue
+                    control += data
+                    for line in control.split(b"\n"):
+                        if line.startswith(b"pid "):
+                            inner_pid = int(line[4:])
+                        elif line.startswith(b"exit "):
+                            status = int(line[5:])
+                        elif line.startswith(b"error "):
+                            raise RuntimeError(line[6:].decode(errors="replace"))
+                    continue
+                if not data:
+                    sel.unregister(key.fd)
+                    open_pipes -= 1
+                    continue
+                yield Output(str(key.data), data)
+            if timed_out and status is None and not open_pipes:
+                break
+        duration = int((time.monotonic() - start) * 1000)
+        if timed_out:
+            yield Exit(TIMEOUT_EXIT_CODE, True, duration)
+        else:
+            yield Exit(exit_code(status or 0), False, duration)
+    finally:
+        sel.close()
+        conn.close()  # before the command ended: corral-init kills its session
+        if status is None and not timed_out and kill_session is not None and inner_pid is not None:
+            kill_session(inner_pid)  # the reader went away before the end
+        os.close(out_r)
+        os.close(err_r)
