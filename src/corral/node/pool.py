@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class WarmPool:
         self._closed = False
         self._thread: threading.Thread | None = None
         self.failures = 0
+        self.refill_delay = 0.1
 
     def start(self) -> None:
         if self.size < 1 or self._thread is not None:
@@ -76,6 +78,9 @@ class WarmPool:
         while not self._closed:
             self._wake.wait(timeout=5.0)
             self._wake.clear()
+            # let the VM just handed over come up and its first requests run before booting (a boot takes
+            # both cores for a few tens of ms)
+            time.sleep(self.refill_delay)
             while not self._closed and self.ready_count() < self.size:
                 cid = self._new_cid()
                 try:

@@ -128,6 +128,7 @@ class ImageStore:
     def __init__(self, root: Path, id_base: int) -> None:
         self.root = root
         self.id_base = id_base
+        self._cache: dict[str, tuple[tuple[int, int], Image]] = {}
 
     def _dir(self, name: str) -> Path:
         return self.root / hashlib.sha256(name.encode()).hexdigest()[:24]
@@ -140,11 +141,19 @@ class ImageStore:
             yield
 
     def get(self, name: str) -> Image | None:
+        """The image, read from its ``image.json`` (remembered while that file is unchanged)."""
         meta = self._dir(name) / "image.json"
         try:
-            return self._image(self._dir(name), json.loads(meta.read_text()))
+            st = meta.stat()
+            key = (st.st_ino, st.st_mtime_ns)
+            cached = self._cache.get(name)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            image = self._image(self._dir(name), json.loads(meta.read_text()))
         except (OSError, ValueError, KeyError, TypeError, AssertionError):
             return None
+        self._cache[name] = (key, image)
+        return image
 
     def all(self) -> list[Image]:
         if not self.root.is_dir():

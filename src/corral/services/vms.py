@@ -7,7 +7,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -105,12 +105,7 @@ def create_vm(session: Session, clock: Clock, user_id: str, new: NewVm, *, vm_id
         created_at=now,
         updated_at=now,
     )
-    if session.scalar(
-        select(func.count())
-        .select_from(Vm)
-        .where(Vm.user_id == user_id, Vm.name == new.name, Vm.status_detail != Detail.DESTROYED.value)
-    ):
-        raise _name_taken(new.name)
+    # the partial unique index on (user_id, name) of live VMs decides, also between concurrent creates
     try:
         with session.begin_nested():
             session.add(row)
