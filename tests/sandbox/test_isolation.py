@@ -819,3 +819,25 @@ print(json.dumps({"wall": time.monotonic() - start, "cpu": t.children_user + t.c
             assert int(cg_read(pid, "cpu", "cpu.cfs_period_us", "")) == 100000
         got = python_json(c, vm["id"], code, timeout=60)
     assert got["cpu"] <= got["wall"] * 1.0 + 0.35, got
+
+
+def test_the_exec_socket_cannot_be_reached_from_inside(owner: Account) -> None:
+    """corral-init's listening socket lives outside the sandbox's root; its descriptor in pid 1 cannot be
+    used to connect, and no exec'd process inherits it."""
+    c = owner.client
+    with sandbox(c) as vm:
+        probe = (
+            "import os, socket\n"
+            "print(sorted(os.listdir('/proc/self/fd')))\n"
+            "for path in ('/proc/1/fd/3', '/proc/1/root/agent.sock'):\n"
+            "    s = socket.socket(socket.AF_UNIX)\n"
+            "    try:\n"
+            "        s.connect(path); print('CONNECTED', path)\n"
+            "    except OSError as e:\n"
+            "        print('refused', path, e.errno)\n"
+        )
+        out = run(c, vm["id"], ["python3", "-c", probe])
+    lines = out["stdout"].splitlines()
+    assert lines[0] == "['0', '1', '2', '3']", out  # 3 is python's own listdir handle: nothing inherited
+    assert all(line.startswith("refused") for line in lines[1:]), out
+    assert len(lines) == 3, out
