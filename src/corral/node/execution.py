@@ -56,29 +56,25 @@ def shell_argv(command: str | Sequence[str]) -> list[str]:
     return list(command)
 
 
-def _session_of(pid: int) -> int | None:
+def _stat_field(pid: int, index: int) -> int | None:
+    """A numeric field of /proc/<pid>/stat after the command name: 1 = parent, 2 = group, 3 = session."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[3])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _group_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[2])
+            return int(f.read().rsplit(")", 1)[1].split()[index])
     except (OSError, IndexError, ValueError):
         return None
 
 
 def _parent_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
+    return _stat_field(pid, 1)
+
+
+def _group_of(pid: int) -> int | None:
+    return _stat_field(pid, 2)
+
+
+def _session_of(pid: int) -> int | None:
+    return _stat_field(pid, 3)
 
 
 def tree_of(leader: int, candidates: set[int], session: int | None = None) -> set[int]:
