@@ -11,6 +11,7 @@ from rich.console import Console
 
 from corral import __version__
 from corral.cli import credentials
+from corral.cli.errors import raise_for
 
 app = typer.Typer(help="Corral: sandboxes for AI agents and untrusted code.", no_args_is_help=True)
 err = Console(stderr=True)
@@ -46,7 +47,7 @@ def login(
     base = (url or credentials.load().url).rstrip("/")
     with httpx.Client(base_url=base, timeout=30.0) as client:
         resp = client.post("/v1/auth/device/code")
-        _raise_for(resp)
+        raise_for(resp)
         data = resp.json()["data"]
         code = data["code"]
         err.print(f"Open [bold]{data['verification_uri']}?code={code}[/bold] and approve the code:")
@@ -58,7 +59,7 @@ def login(
             if resp.status_code == 429:
                 time.sleep(float(resp.headers.get("Retry-After", "1")))
                 continue
-            _raise_for(resp)
+            raise_for(resp)
             poll = resp.json()["data"]
             if poll["status"] == "authorized":
                 path = credentials.save(base, poll["token"])
@@ -80,7 +81,7 @@ def whoami() -> None:
         raise typer.Exit(1)
     with httpx.Client(base_url=creds.url, timeout=30.0) as client:
         resp = client.get("/v1/users/me", headers={"Authorization": f"Bearer {creds.api_key}"})
-    _raise_for(resp)
+    raise_for(resp)
     user = resp.json()
     out.print(f"{user['email']} ({user['id']}) on {creds.url}")
 
@@ -89,18 +90,6 @@ def whoami() -> None:
 def version() -> None:
     """Print Corral's version."""
     out.print(__version__)
-
-
-def _raise_for(resp: httpx.Response) -> None:
-    if resp.is_success:
-        return
-    try:
-        error = resp.json()["error"]
-        message = f"{error['code']}: {error['message']}"
-    except (ValueError, KeyError, TypeError):
-        message = resp.text[:200]
-    err.print(f"[red]Error {resp.status_code}[/red] {message}")
-    raise typer.Exit(1)
 
 
 from corral.cli import images as _images  # noqa: E402

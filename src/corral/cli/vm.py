@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from corral.cli import credentials
+from corral.cli.errors import raise_for
 
 app = typer.Typer(help="Create, use and remove VMs.", no_args_is_help=True)
 out = Console()
@@ -33,15 +34,9 @@ def _client() -> httpx.Client:
 
 
 def _check(resp: httpx.Response) -> Any:
-    if resp.is_success:
-        return resp.json() if resp.content else None
-    try:
-        error = resp.json()["error"]
-        message = f"{error['code']}: {error['message']}"
-    except (ValueError, KeyError, TypeError):
-        message = resp.text[:200]
-    err.print(f"[red]Error {resp.status_code}[/red] {message}")
-    raise typer.Exit(1)
+    """The answer's JSON (None when empty); an API error ends the command."""
+    raise_for(resp)
+    return resp.json() if resp.content else None
 
 
 def _resolve(client: httpx.Client, ref: str) -> str:

@@ -371,7 +371,3 @@ def _env_map(pairs: Sequence[str]) -> dict[str, str]:
         if sep and key:
             env[key] = value
     return env
-
-
-def make_pid_visible(pid: int) -> bool:
-    return os.path.exists(f"/proc/{pid}")

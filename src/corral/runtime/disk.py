@@ -85,16 +85,6 @@ class DiskPool:
             raise
         return path
 
-    def snapshot(self, source: str, name: str, limit_mib: int) -> Path:
-        path = self.path(name)
-        run(["btrfs", "subvolume", "snapshot", str(self.path(source)), str(path)])
-        try:
-            run(["btrfs", "qgroup", "limit", f"{limit_mib * MIB}", str(path)])
-        except Exception:
-            self.delete(name)
-            raise
-        return path
-
     def delete(self, name: str) -> None:
         """Delete the subvolume and its qgroup. Missing is fine."""
         path = self.path(name)

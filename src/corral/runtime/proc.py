@@ -43,11 +43,16 @@ def run_detached(argv: Sequence[str], log: Path, *, timeout: float = 60.0, fd3: 
     except subprocess.TimeoutExpired as exc:
         raise CommandFailed(argv, -9, f"timed out after {timeout} s") from exc
     if done.returncode != 0:
-        try:
-            message = log.read_text(errors="replace")[-4000:]
-        except OSError:
-            message = ""
-        raise CommandFailed(argv, done.returncode, message or "no message")
+        raise _failed(argv, done.returncode, log)
+
+
+def _failed(argv: Sequence[str], code: int, log: Path) -> CommandFailed:
+    """The error of a detached command, with the end of the log it wrote its messages to."""
+    try:
+        message = log.read_text(errors="replace")[-4000:]
+    except OSError:
+        message = ""
+    return CommandFailed(argv, code, message or "no message")
 
 
 def _spawn_with_fd3(argv: Sequence[str], fd: int, log: Path, timeout: float) -> None:
@@ -73,11 +78,7 @@ def _spawn_with_fd3(argv: Sequence[str], fd: int, log: Path, timeout: float) -> 
         time.sleep(0.0005)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
-        try:
-            message = log.read_text(errors="replace")[-4000:]
-        except OSError:
-            message = ""
-        raise CommandFailed(argv, code, message or "no message")
+        raise _failed(argv, code, log)
 
 
 def run(argv: Sequence[str], *, timeout: float = 60.0, input_text: str | None = None) -> str:

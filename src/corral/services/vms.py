@@ -16,7 +16,7 @@ from corral.domain.clock import Clock
 from corral.domain.errors import Conflict, NotFound, ValidationFailed, not_found
 from corral.domain.ids import Prefix, has_prefix, new_id
 from corral.domain.pagination import ListSpec, Page, PageRequest
-from corral.domain.vm_states import Detail, Status, check_move, details_of
+from corral.domain.vm_states import Detail, Status, can_move, check_move, details_of
 from corral.store.paging import SortColumns, paginate
 from corral.store.tables import Vm
 
@@ -153,7 +153,7 @@ def move(
     """Move the VM to ``target`` if it is (still) in one of ``expect`` (default: any state the table allows
     to move there). A compare-and-set: False when someone else moved it first. Raises IllegalTransition if
     ``expect`` names a state the table forbids."""
-    allowed = list(expect) if expect is not None else [d for d in Detail if target in _from(d)]
+    allowed = list(expect) if expect is not None else [d for d in Detail if can_move(d, target)]
     for current in allowed:
         check_move(current, target)
     values: dict[str, object] = {"status_detail": target.value, "updated_at": clock.now(), **fields}
@@ -168,12 +168,6 @@ def move(
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
-def _from(detail: Detail) -> frozenset[Detail]:
-    from corral.domain.vm_states import TRANSITIONS
-
-    return TRANSITIONS[detail]
 
 
 def active_vms(session: Session) -> list[Vm]:
