@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,18 +89,39 @@ def node_server(tmp: Path, *, database_url: str | None = None, **env_overrides: 
     env = {"CORRAL_IMAGES_DIR": str(IMAGES_DIR), "CORRAL_WARM_POOL_SIZE": "0", **env_overrides}
     try:
         with contextlib.ExitStack() as stack:
+            env = {**stack.enter_context(test_network(env)), **env}
             db_url = database_url or stack.enter_context(fresh_database(tmp))
-            with _serve(tmp, data_dir, db_url, env, ready_timeout=300) as srv:
-                yield srv
+            try:
+                with _serve(tmp, data_dir, db_url, env, ready_timeout=300) as srv:
+                    yield srv
+            finally:
+                reset_node(data_dir, env)
     finally:
-        reset_node(data_dir)
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def reset_node(data_dir: Path) -> None:
+@contextlib.contextmanager
+def test_network(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Settings for a node server's network in a test: its own gateway namespace and, unless ``env`` gives
+    CORRAL_UPLINK (a fake internet), as its uplink a namespace made here with nothing in it: no packet of a
+    test reaches the host's network."""
+    tag = secrets.token_hex(3)
+    out = {"CORRAL_GATEWAY_NETNS": f"cgw-{tag}"}
+    if "CORRAL_UPLINK" in env:
+        yield out
+        return
+    uplink = f"cup-{tag}"
+    subprocess.run(["ip", "netns", "add", uplink], check=True)
+    try:
+        yield {**out, "CORRAL_UPLINK": f"netns:{uplink}"}
+    finally:
+        subprocess.run(["ip", "netns", "del", uplink], check=False)
+
+
+def reset_node(data_dir: Path, env: dict[str, str] | None = None) -> None:
     subprocess.run(
         [sys.executable, "-m", "corral", "node", "reset", "--yes"],
-        env={**os.environ, "CORRAL_DATA_DIR": str(data_dir)},
+        env={**os.environ, **(env or {}), "CORRAL_DATA_DIR": str(data_dir)},
         check=True,
         capture_output=True,
     )
@@ -166,14 +187,15 @@ def node_host(tmp: Path, *, database_url: str | None = None, **env_overrides: st
     env = {"CORRAL_IMAGES_DIR": str(IMAGES_DIR), "CORRAL_WARM_POOL_SIZE": "0", **env_overrides}
     try:
         with contextlib.ExitStack() as stack:
+            env = {**stack.enter_context(test_network(env)), **env}
             db_url = database_url or stack.enter_context(fresh_database(tmp))
             host = NodeHost(tmp, data_dir, db_url, env)
             try:
                 yield host
             finally:
                 host.stop()
+                reset_node(data_dir, env)
     finally:
-        reset_node(data_dir)
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
@@ -264,3 +286,11 @@ def signup(server: Server, *, first_name: str = "Alice", last_name: str = "Smith
     return Account(
         client=server.client(token), token=token, user=body["user"], email=email, password=password
     )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +39,21 @@ def _int0(env: dict[str, str], name: str, default: int) -> int:
     if not (raw.isascii() and raw.isdigit()):
         raise SystemExit(f"{name} must be a non-negative integer, got {raw!r}")
     return int(raw)
+
+
+DEFAULT_EGRESS_DENY = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+
+
+def _cidrs(env: dict[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    if name not in env:
+        return default
+    out: list[str] = []
+    for item in env[name].replace(",", " ").split():
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise SystemExit(f"{name}: {item!r} is not a network") from None
+    return tuple(out)
 
 
 def _flag(env: dict[str, str], name: str, default: bool) -> bool:
@@ -89,6 +105,18 @@ class Settings:
     max_disk_mib: int = 65536
     max_concurrent_requests: int = 512  # worker threads for blocking requests (execs, file transfers)
     sandbox_init: str | None = None  # pid 1 of sandboxes: corral-init (default) or e.g. /usr/bin/catatonit
+    # the sandbox network (docs/operations.md): off = sandboxes get no network at all
+    network: bool = True
+    gateway_netns: str = "corral-gw"  # the namespace that holds the egress proxy, the resolver and the rules
+    sandbox_subnet: str = "10.88.0.0/16"
+    uplink: str = "host"  # "host" (masqueraded through the host) or "netns:NAME"
+    uplink_subnet: str = "100.127.88.0/30"
+    upstream_dns: tuple[str, ...] = ()  # default: the host's non-loopback name servers
+    upstream_ca: Path | None = None  # extra CA bundle the proxy trusts for upstream TLS when it intercepts
+    # never reachable from sandboxes, whatever a policy says (the operator's own networks); "" for none
+    egress_deny_cidrs: tuple[str, ...] = DEFAULT_EGRESS_DENY
+    egress_proxy_port: int = 15001
+    egress_dns_port: int = 15053
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -117,7 +145,24 @@ class Settings:
             max_disk_mib=_int(env, "CORRAL_MAX_DISK_MIB", 65536),
             max_concurrent_requests=_int(env, "CORRAL_MAX_CONCURRENT_REQUESTS", 512),
             sandbox_init=env.get("CORRAL_SANDBOX_INIT") or None,
+            network=_flag(env, "CORRAL_NETWORK", True),
+            gateway_netns=env.get("CORRAL_GATEWAY_NETNS") or "corral-gw",
+            sandbox_subnet=env.get("CORRAL_SANDBOX_SUBNET") or "10.88.0.0/16",
+            uplink=env.get("CORRAL_UPLINK") or "host",
+            uplink_subnet=env.get("CORRAL_UPLINK_SUBNET") or "100.127.88.0/30",
+            upstream_dns=tuple(
+                x for x in (env.get("CORRAL_UPSTREAM_DNS") or "").replace(",", " ").split() if x
+            ),
+            upstream_ca=Path(env["CORRAL_UPSTREAM_CA"]) if env.get("CORRAL_UPSTREAM_CA") else None,
+            egress_deny_cidrs=_cidrs(env, "CORRAL_EGRESS_DENY_CIDRS", DEFAULT_EGRESS_DENY),
+            egress_proxy_port=_int(env, "CORRAL_EGRESS_PROXY_PORT", 15001),
+            egress_dns_port=_int(env, "CORRAL_EGRESS_DNS_PORT", 15053),
         )
+
+    @property
+    def egress_dir(self) -> Path:
+        """The egress proxy's CA and state."""
+        return self.data_dir / "egress"
 
     @property
     def images_path(self) -> Path:

@@ -32,7 +32,16 @@ MIB = 1024 * 1024
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 # The reference's fields, then the ones Corral documents on top.
 REFERENCE_FIELDS = {"id", "name", "status", "status_detail", "created_at", "updated_at"}
-EXTRA_FIELDS = {"image", "vcpus", "mem_mib", "disk_mib", "snapshot_id", "create_ms", "failure_reason"}
+EXTRA_FIELDS = {
+    "image",
+    "vcpus",
+    "mem_mib",
+    "disk_mib",
+    "snapshot_id",
+    "create_ms",
+    "failure_reason",
+    "egress",
+}
 VM_FIELDS = REFERENCE_FIELDS | EXTRA_FIELDS
 EXEC_FIELDS = {
     "exit_code",

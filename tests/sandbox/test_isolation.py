@@ -374,7 +374,7 @@ def test_mount_table_does_not_reveal_host_paths(owner: Account, node: Server) ->
     assert leaked == [], f"host paths {leaked} appear in the sandbox's mount table:\n{out['stdout']}"
 
 
-def test_network_is_only_the_sandboxs_own_loopback(owner: Account, node: Server) -> None:
+def test_network_is_loopback_and_the_gateway_link_only(owner: Account, node: Server) -> None:
     c = owner.client
     token = secrets.token_hex(8)
     with contextlib.ExitStack() as stack:
@@ -416,8 +416,11 @@ with socket.socket() as srv:  # the same port on the sandbox's own loopback
 print(json.dumps(r))
 """
         r = python_json(c, vm["id"], code, timeout=30)
-        assert (r["ifaces"], r["sys"]) == (["lo"], ["lo"]), r
-        assert r["routes"] == [], r
+        assert (sorted(r["ifaces"]), r["sys"]) == (["eth0", "lo"], ["eth0", "lo"]), r
+        # every route leaves through eth0, to the gateway (169.254.1.1, little-endian hex in /proc/net/route)
+        routes = [line.split() for line in r["routes"]]
+        assert {route[0] for route in routes} == {"eth0"}, r
+        assert {route[1] for route in routes} == {"00000000", "0101FEA9"}, r
         assert r["tcp_table_has_host_port"] is False
         assert r["host_tcp"] == "ConnectionRefusedError", r
         assert r["api_tcp"] == "ConnectionRefusedError", r

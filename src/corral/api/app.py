@@ -18,6 +18,7 @@ from corral.api.routers import audit, auth, egress, env, execs, health, secrets,
 from corral.config import Settings, prepare_data_dir
 from corral.domain.clock import Clock, SystemClock
 from corral.domain.ratelimit import Limit, RateLimiter
+from corral.egress.supervisor import EgressSupervisor
 from corral.node.setup import ensure_default_image, make_node
 from corral.runtime.images import Progress
 from corral.security.secretbox import AesGcmCipher, load_or_create_key
@@ -83,11 +84,16 @@ def create_app(
     sessions = session_factory(engine)
     reads = read_session_factory(engine)
     life = make_lifecycle(settings, sessions, reads, clock, progress) if settings.node else None
+    egress_process = (
+        EgressSupervisor(settings, settings.gateway_netns) if life is not None and settings.network else None
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # Sync endpoints run in threads; a long exec or a streamed file holds one for its whole duration.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.max_concurrent_requests
+        if egress_process is not None:
+            await anyio.to_thread.run_sync(egress_process.start)
         if life is not None:
             life.start_background()
         try:
@@ -95,6 +101,8 @@ def create_app(
         finally:
             if life is not None:
                 life.close()
+            if egress_process is not None:
+                await anyio.to_thread.run_sync(egress_process.stop)
 
     app = FastAPI(
         lifespan=lifespan,

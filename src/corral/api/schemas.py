@@ -223,13 +223,39 @@ class EgressEventOut(Response):
     vm_id: str | None
     host: str | None
     cidr: str | None
-    protocol: Literal["http", "tls", "tcp"]
+    protocol: Literal["http", "tls", "tcp", "dns"] = Field(
+        description="http (each request the proxy reads), tls (by SNI), tcp (raw), or dns: a lookup of a "
+        "name the policy does not allow (answered NXDOMAIN in enforce mode, so no connection follows)."
+    )
     verdict: Literal["allowed", "denied"]
     allowed: bool
     mode: Literal["enforce", "warn"]
 
 
 # --- VMs ------------------------------------------------------------------------------------------------
+
+
+class VmEgressRule(Request):
+    host: str | None = Field(
+        default=None, max_length=255, description="Exact host or `*.example.org`; give host or cidr."
+    )
+    cidr: str | None = Field(default=None, max_length=64, description="A network, e.g. `203.0.113.0/24`.")
+
+
+class VmEgress(Request):
+    mode: Literal["enforce", "warn"] | None = Field(
+        default=None, description="This VM's mode; null: the account's (GET /v1/egress/policy)."
+    )
+    rules: list[VmEgressRule] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Allowlist entries for this VM only, added to the account's rules.",
+    )
+
+
+class VmEgressOut(Response):
+    mode: Literal["enforce", "warn"] | None
+    rules: list[dict[str, str]]
 
 
 class VmCreateRequest(Request):
@@ -258,6 +284,11 @@ class VmCreateRequest(Request):
     )
     mem_mib: int | None = Field(default=None, description="Memory limit in MiB. Default 1024, 64 to 8192.")
     disk_mib: int | None = Field(default=None, description="Disk quota in MiB. Default 4096, 64 to 65536.")
+    egress: VmEgress | None = Field(
+        default=None,
+        description="Per-VM egress overrides: its own mode, and rules added to the account's. "
+        "Default: the account's policy and rules as they are at each connection.",
+    )
 
 
 class VmOut(Response):
@@ -285,6 +316,7 @@ class VmOut(Response):
     snapshot_id: str | None = None
     create_ms: int | None = Field(default=None, description="Measured time from create to ready, in ms.")
     failure_reason: str | None = Field(default=None, description="Why the VM is `failed`; null otherwise.")
+    egress: VmEgressOut | None = Field(default=None, description="The VM's egress overrides, if it has any.")
 
 
 class ExecRequest(Request):

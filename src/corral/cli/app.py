@@ -38,6 +38,24 @@ def serve(
 
 
 @app.command()
+def egress(
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+) -> None:
+    """Run the egress proxy and resolver. `corral serve` starts this itself, inside the gateway namespace."""
+    import logging
+    import os
+    from pathlib import Path
+
+    from corral.config import Settings
+    from corral.egress.main import run
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mitmproxy").setLevel(max(logging.WARNING, logging.getLogger().level))
+    ready = os.environ.get("CORRAL_EGRESS_READY_FILE")
+    run(Settings.from_env(), Path(ready) if ready else None)
+
+
+@app.command()
 def login(
     url: Annotated[str | None, typer.Option(help="The Corral server (default: CORRAL_URL or saved)")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for approval")] = 900.0,

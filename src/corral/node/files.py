@@ -67,15 +67,23 @@ def _split(path: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class SandboxFiles:
-    """File access to the sandbox whose init has host PID ``pid``; new files are owned by ``uid``:``gid``."""
+    """File access to the sandbox whose init has host PID ``pid`` (or, before it runs, to its root
+    filesystem mounted at ``root_dir``); new files are owned by ``uid``:``gid``."""
 
     pid: int
     uid: int
     gid: int
+    root_dir: str | None = None
+
+    @classmethod
+    def at(cls, root_dir: str, uid: int, gid: int) -> SandboxFiles:
+        return cls(0, uid, gid, root_dir)
 
     def _root(self) -> int:
         try:
-            return os.open(f"/proc/{self.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            return os.open(
+                self.root_dir or f"/proc/{self.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+            )
         except OSError as exc:
             raise FileError("not_running", "the sandbox is not running") from exc
 

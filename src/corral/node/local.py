@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -13,14 +14,18 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from corral.net import plan as netplan
+from corral.net.gateway import Gateway, NetworkError
+from corral.net.plan import NetPlan
 from corral.node import agent as agent_binary
 from corral.node.agent.client import run_via_agent
 from corral.node.execution import Event, run_streaming
-from corral.node.files import SandboxFiles
+from corral.node.files import FileError, SandboxFiles
 from corral.runtime import cgroups, rootfs
 from corral.runtime.argv import RuntimeCli
 from corral.runtime.disk import DiskPool
@@ -29,6 +34,8 @@ from corral.runtime.images import Image, ImageStore
 from corral.runtime.proc import run
 from corral.runtime.seccomp import default_profile
 from corral.runtime.spec import DEFAULT_PATH, IdRange, Limits, Runtime, SandboxSpec, build_config
+
+log = logging.getLogger(__name__)
 
 INIT_PATH = "/.corral/init"
 GIB = 1024**3
@@ -50,6 +57,8 @@ class NodeConfig:
     # and commands go through the runtime's exec (~9 ms)
     init_binary: str | None = None
     runtime_binary: str | None = None
+    network: NetPlan | None = None  # None: sandboxes get a network namespace with only loopback
+    trust_pem: Path | None = None  # a CA certificate every sandbox trusts (the egress proxy's)
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,7 @@ class Inventory:
     bundles: set[str]
     cgroups: set[str]
     mounts: set[str]
+    links: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -78,9 +88,15 @@ class LocalNode:
     runtime: OciRuntime = field(init=False)
     disks: DiskPool = field(init=False)
     node_id: str = field(init=False, default="")
+    gateway: Gateway | None = field(init=False, default=None)
+    _helpers: ThreadPoolExecutor = field(
+        init=False, default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="node-boot")
+    )
 
     def __post_init__(self) -> None:
         c = self.config
+        if c.network is not None:
+            self.gateway = Gateway(c.network)
         self.images = ImageStore(c.images_dir, c.id_base)
         binary = c.runtime_binary or shutil.which(c.runtime.value) or f"/usr/bin/{c.runtime.value}"
         self.runtime = OciRuntime(RuntimeCli(binary, str(c.root / "state")))
@@ -102,6 +118,11 @@ class LocalNode:
         self.bundles.mkdir(mode=0o711, exist_ok=True)
         self.disks.ensure()
         self.images.clean_staging()
+        if self.gateway is not None:
+            try:
+                self.gateway.ensure()
+            except NetworkError as exc:
+                raise NodeError(str(exc)) from exc
 
     def attach(self) -> None:
         """Learn the node id of an existing node without changing anything (for ``teardown``)."""
@@ -142,6 +163,9 @@ class LocalNode:
                 (volume / "upper").mkdir(mode=0o755, exist_ok=True)
                 rootfs.seed_identity(volume, hostname, self.root_uid())
             rootfs.mount_overlay(image.lowers_top_first, volume, target, root_uid=self.root_uid())
+            # the network's files are written while the runtime creates the container, the link is made
+            # while it starts it: neither depends on the other (together ~10 ms off a cold boot)
+            seeding = self._beside(self._seed_network, cid, target) if self.gateway is not None else None
             spec = SandboxSpec(
                 hostname=hostname,
                 rootfs=str(target),
@@ -156,20 +180,56 @@ class LocalNode:
                 annotations={"run.corral.node": self.node_id},
             )
             (bundle / "config.json").write_text(json.dumps(build_config(spec)))
-            if not agent:
-                pid = self.runtime.create(cid, bundle)
+            try:
+                if not agent:
+                    pid = self.runtime.create(cid, bundle)
+                else:
+                    with _listening(bundle / AGENT_SOCKET) as listener:
+                        pid = self.runtime.create(cid, bundle, fd3=listener.fileno())
+            finally:
+                if seeding is not None:
+                    seeding.result()
+            if self.gateway is not None:
+                attaching = self._beside(self.gateway.attach, cid, pid)
+                try:
+                    self.runtime.start(cid)
+                finally:
+                    attaching.result()
             else:
-                with _listening(bundle / AGENT_SOCKET) as listener:
-                    pid = self.runtime.create(cid, bundle, fd3=listener.fileno())
-            self.runtime.start(cid)
+                self.runtime.start(cid)
             return pid
         except Exception as exc:
             self.stop(cid)
             if made_volume:
                 self.disks.delete(cid)
-            if isinstance(exc, NodeError):
-                raise
+            if isinstance(exc, NodeError | NetworkError):
+                raise NodeError(str(exc)) from exc
             raise NodeError(f"the sandbox failed to boot: {exc}") from exc
+
+    def _beside(self, fn: Callable[..., object], *args: object) -> Future[object]:
+        """Run ``fn`` in a helper thread while the caller goes on (``.result()`` joins and re-raises)."""
+        return self._helpers.submit(fn, *args)
+
+    def _seed_network(self, cid: str, target: Path) -> None:
+        """The network's files in the sandbox's root: the gateway as resolver, the egress CA in the system
+        trust store. Written through the mounted root with every path resolved inside it (a symlink the
+        sandbox planted, say /etc/ssl -> /etc/ssl, cannot send a write to the host); a path the sandbox
+        broke in its own root is skipped, and only it loses by that."""
+        files = SandboxFiles.at(str(target), self.root_uid(), self.root_uid())
+        wanted: dict[str, str] = {"/etc/resolv.conf": netplan.resolv_conf()}
+        if self.config.trust_pem is not None:
+            trust = self.config.trust_pem.read_text()
+            try:
+                bundle = files.read_small("/" + rootfs.SYSTEM_BUNDLE, 16 << 20).decode("utf-8", "replace")
+            except FileError:
+                bundle = ""
+            wanted["/" + rootfs.SYSTEM_BUNDLE] = rootfs.with_trust(bundle, trust)
+            wanted["/" + rootfs.LOCAL_CA] = trust
+        for path, text in wanted.items():
+            try:
+                files.write(path, [text.encode()], mode=0o644, parents=True)
+            except FileError as exc:
+                log.warning("sandbox %s: %s not written: %s", cid, path, exc)
 
     def init(self) -> tuple[str, bool]:
         """The init binary for new sandboxes, and whether it is corral-init (which runs commands). It is
@@ -202,7 +262,7 @@ class LocalNode:
         timeout: float = 60.0,
     ) -> Iterator[Event]:
         """Run a command in the sandbox: through its corral-init when it has one, else the runtime's exec."""
-        full = {"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "xterm", **(env or {})}
+        full = {**self.base_env(), **(env or {})}
         sock = self.agent_socket(cid)
         if sock is not None:
             return run_via_agent(
@@ -215,6 +275,13 @@ class LocalNode:
                 kill_session=lambda inner: self.kill_inner_session(cid, inner),
             )
         return run_streaming(self, cid, args, env=full, cwd=cwd, user=user, timeout=timeout)
+
+    def base_env(self) -> dict[str, str]:
+        """What every command run in a sandbox starts from (the request's env is laid over it)."""
+        env = {"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "xterm"}
+        if self.gateway is not None and self.config.trust_pem is not None:
+            env.update(rootfs.TRUST_ENV)
+        return env
 
     def kill_inner_session(self, cid: str, inner_sid: int, *, deadline_s: float = 10.0) -> None:
         """SIGKILL, from the host, every process of the sandbox whose session id *inside* it is
@@ -234,8 +301,10 @@ class LocalNode:
             time.sleep(0.005)
 
     def stop(self, cid: str) -> None:
-        """Kill every process, remove the container, its mounts and cgroups; keep the disk."""
+        """Kill every process, remove the container, its network link, mounts and cgroups; keep the disk."""
         self.runtime.delete(cid)
+        if self.gateway is not None:
+            self.gateway.release(cid)
         bundle = self.bundles / cid
         for point in rootfs.mounts_under(bundle):
             rootfs.unmount(point)
@@ -270,7 +339,7 @@ class LocalNode:
         user: str | None = None,
         pid_file: Path | None = None,
     ) -> subprocess.Popen[bytes]:
-        full = {"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "xterm", **(env or {})}
+        full = {**self.base_env(), **(env or {})}
         return self.runtime.exec_process(cid, args, env=full, cwd=cwd, user=user, pid_file=pid_file)
 
     def files(self, cid: str) -> SandboxFiles:
@@ -302,11 +371,18 @@ class LocalNode:
             bundles=bundles,
             cgroups=cgroups.children(self.cgroup_parent),
             mounts=mounts,
+            links=set(self.gateway.links()) if self.gateway is not None else set(),
         )
+
+    def reclaim_links(self, keep: set[str]) -> None:
+        """Remove the network links whose container is not in ``keep`` (a stop leaves the link to go with
+        its namespace; a link whose namespace is gone too but that is still there is a leftover)."""
+        if self.gateway is not None:
+            self.gateway.reclaim(keep)
 
     def ids_on_host(self) -> set[str]:
         inv = self.inventory()
-        return set(inv.containers) | inv.volumes | inv.bundles | inv.cgroups | inv.mounts
+        return set(inv.containers) | inv.volumes | inv.bundles | inv.cgroups | inv.mounts | inv.links
 
     def teardown(self) -> None:
         """Remove every sandbox of this node and unmount the disk pool (``corral node reset``; tests)."""
@@ -321,6 +397,8 @@ class LocalNode:
         if self.node_id:
             cgroups.remove(self.cgroup_parent)
         self.disks.unmount()
+        if self.gateway is not None:
+            self.gateway.teardown()
 
 
 AGENT_SOCKET = "agent.sock"

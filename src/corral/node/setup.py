@@ -2,13 +2,55 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from corral.config import Settings
+from corral.egress.ca import ensure_ca
+from corral.net.plan import NetPlan, upstream_dns_from
 from corral.node.local import GIB, LocalNode, NodeConfig
-from corral.runtime.images import DEFAULT_IMAGE, Image, Progress
+from corral.runtime.images import (
+    DEFAULT_IMAGE,
+    DEFAULT_PACKAGES,
+    DEFAULT_SUITE,
+    Image,
+    Progress,
+    build_source,
+)
 from corral.runtime.spec import Runtime
+
+RESOLV_CONFS = (Path("/etc/resolv.conf"), Path("/run/systemd/resolve/resolv.conf"))
+
+
+def net_plan(settings: Settings) -> NetPlan | None:
+    """The sandbox network of this host, or None when it is turned off."""
+    if not settings.network:
+        return None
+    return NetPlan(
+        gateway_ns=settings.gateway_netns,
+        sandbox_subnet=settings.sandbox_subnet,
+        uplink=settings.uplink,
+        uplink_subnet=settings.uplink_subnet,
+        upstream_dns=settings.upstream_dns or host_name_servers(),
+        proxy_port=settings.egress_proxy_port,
+        dns_port=settings.egress_dns_port,
+    )
+
+
+def host_name_servers() -> tuple[str, ...]:
+    """The host's name servers the gateway can reach (a loopback stub such as systemd-resolved's is not:
+    its upstream servers are used instead)."""
+    for path in RESOLV_CONFS:
+        try:
+            found = upstream_dns_from(path.read_text())
+        except OSError:
+            continue
+        if found:
+            return found
+    return ()
 
 
 def make_node(settings: Settings) -> LocalNode:
+    plan = net_plan(settings)
     return LocalNode(
         NodeConfig(
             root=settings.data_dir / "node",
@@ -17,11 +59,16 @@ def make_node(settings: Settings) -> LocalNode:
             id_base=settings.sandbox_id_base,
             disk_pool_bytes=settings.disk_pool_gib * GIB,
             init_binary=settings.sandbox_init,
+            network=plan,
+            trust_pem=ensure_ca(settings.egress_dir) if plan is not None else None,
         )
     )
 
 
 def ensure_default_image(node: LocalNode, progress: Progress | None = None) -> Image:
-    """The default image, built from Debian packages the first time it is needed (about 20 s)."""
+    """The default image, built from Debian packages the first time it is needed (about 20 s), and again when
+    it was built from another package list (an older Corral)."""
     image = node.images.get(DEFAULT_IMAGE)
-    return image if image is not None else node.images.build(DEFAULT_IMAGE, progress=progress)
+    if image is not None and image.source == build_source(DEFAULT_SUITE, DEFAULT_PACKAGES):
+        return image
+    return node.images.build(DEFAULT_IMAGE, progress=progress)

@@ -32,7 +32,19 @@ DEFAULT_PACKAGES = (
     "ca-certificates",
     "openssh-client",
     "procps",
+    "iproute2",
+    "iputils-ping",
+    "nftables",
+    "dnsutils",
 )
+DEFAULT_SUITE = "bookworm"
+
+
+def build_source(suite: str, packages: tuple[str, ...]) -> str:
+    """How a built image records what it was built from (a default image built from another list is stale)."""
+    return f"mmdebstrap {suite}: {' '.join(packages)}"
+
+
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._/:@-]{0,127}$")
 
 Progress = Callable[[str, float], None]  # (phase, fraction done 0..1)
@@ -225,7 +237,7 @@ class ImageStore:
         self,
         name: str = DEFAULT_IMAGE,
         packages: tuple[str, ...] = DEFAULT_PACKAGES,
-        suite: str = "bookworm",
+        suite: str = DEFAULT_SUITE,
         progress: Progress | None = None,
     ) -> Image:
         """Build an image from Debian packages with mmdebstrap (about 20 s)."""
@@ -247,9 +259,7 @@ class ImageStore:
             ]
             try:
                 self._run_with_progress(argv, progress)
-                return self._install(
-                    name, tree, f"mmdebstrap {suite}: {' '.join(packages)}", (), ("/bin/bash",)
-                )
+                return self._install(name, tree, build_source(suite, packages), (), ("/bin/bash",))
             except FileNotFoundError as exc:
                 raise ImageError("mmdebstrap is not installed (apt-get install mmdebstrap)") from exc
             finally:

@@ -54,7 +54,7 @@ def seed_identity(volume: Path, hostname: str, root_uid: int) -> None:
     files = {
         "hostname": f"{hostname}\n",
         "hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-        "resolv.conf": "# no resolver: this sandbox has no network yet\n",
+        "resolv.conf": "# no resolver: this sandbox has no network\n",
     }
     for name, text in files.items():
         path = etc / name
@@ -62,6 +62,29 @@ def seed_identity(volume: Path, hostname: str, root_uid: int) -> None:
         path.write_text(text)
         os.chown(path, root_uid, root_uid)
         path.chmod(0o644)
+
+
+SYSTEM_BUNDLE = "etc/ssl/certs/ca-certificates.crt"
+LOCAL_CA = "usr/local/share/ca-certificates/corral-egress.crt"
+
+
+def with_trust(bundle: str, trust_pem: str) -> str:
+    """A CA bundle with ``trust_pem`` appended (once)."""
+    if trust_pem in bundle:
+        return bundle
+    if bundle and not bundle.endswith("\n"):
+        bundle += "\n"
+    return bundle + trust_pem
+
+
+# the usual variables, for tools that do not read the system store
+TRUST_ENV = {
+    "SSL_CERT_FILE": "/" + SYSTEM_BUNDLE,
+    "REQUESTS_CA_BUNDLE": "/" + SYSTEM_BUNDLE,
+    "CURL_CA_BUNDLE": "/" + SYSTEM_BUNDLE,
+    "NODE_EXTRA_CA_CERTS": "/" + LOCAL_CA,
+    "GIT_SSL_CAINFO": "/" + SYSTEM_BUNDLE,
+}
 
 
 def unmount(target: Path) -> None:

@@ -221,6 +221,8 @@ def build_config(spec: SandboxSpec) -> dict[str, Any]:
                 {"type": kind} for kind in ("pid", "ipc", "uts", "mount", "cgroup", "network", "user")
             ],
             "cgroupsPath": spec.cgroups_path,
+            # unprivileged ICMP echo sockets: `ping` works without CAP_NET_RAW (the gateway answers it)
+            "sysctl": {"net.ipv4.ping_group_range": f"0 {spec.ids.size - 1}"},
             "resources": {
                 "devices": _device_rules(),
                 "cpu": {"quota": quota, "period": CPU_PERIOD_US},

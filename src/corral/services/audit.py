@@ -21,7 +21,7 @@ LIST = ListSpec(default_limit=50, max_limit=500, sorts=("timestamp",))
 _SORTS: SortColumns = {
     "timestamp": (EgressEvent.timestamp, datetime),
 }
-PROTOCOLS = ("http", "tls", "tcp")
+PROTOCOLS = ("http", "tls", "tcp", "dns")
 VERDICTS = ("allowed", "denied")
 MODES = ("enforce", "warn")
 

@@ -337,6 +337,7 @@ class Lifecycle:
             except Exception:
                 log.exception("removing orphan %s failed", cid)
         self.node.disks.clear_stale()
+        self.node.reclaim_links(keep)
         return Reconciled(adopted, failed, finished, len(orphans))
 
     def _cleanup(self, cid: str | None, *, keep_disk: bool) -> None:

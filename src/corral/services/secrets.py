@@ -214,6 +214,13 @@ def delete_secret(session: Session, user_id: str, secret_id: str) -> None:
     session.flush()
 
 
+def placeholder_env(session: Session, user_id: str) -> dict[str, str]:
+    """What a sandbox's environment holds for its owner's secrets: each ``env_var`` set to the secret's
+    placeholder (``proxy_value``), never its value."""
+    rows = session.execute(select(Secret.env_var, Secret.name).where(Secret.user_id == user_id))
+    return {env_var: proxy_value(name) for env_var, name in rows}
+
+
 def reveal(session: Session, services: Services, user_id: str, secret_id: str) -> SecretValue:
     """The plaintext, for the egress proxy only: no API route calls this."""
     row = _get(session, user_id, secret_id)

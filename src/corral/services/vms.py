@@ -3,6 +3,7 @@ No FastAPI, no host effects: ``corral.services.lifecycle`` drives the node and c
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
@@ -51,6 +52,8 @@ class NewVm:
     mem_mib: int | None = None
     disk_mib: int | None = None
     snapshot_id: str | None = None
+    egress_mode: str | None = None
+    egress_rules: tuple[tuple[str | None, str | None], ...] | None = None  # (host, cidr) pairs
 
 
 def vm_not_found(vm_id: str) -> NotFound:
@@ -79,7 +82,46 @@ def validate_new(new: NewVm, limits: ResourceLimits) -> NewVm:
     for field, value in (("vcpus", new.vcpus), ("mem_mib", new.mem_mib), ("disk_mib", new.disk_mib)):
         if value is not None and value < 1:
             raise ValidationFailed(f"{field} must be a positive integer")
-    return NewVm(name, key, new.image, vcpus, mem, disk, new.snapshot_id)
+    return NewVm(
+        name,
+        key,
+        new.image,
+        vcpus,
+        mem,
+        disk,
+        new.snapshot_id,
+        new.egress_mode,
+        _egress_rules(new.egress_rules),
+    )
+
+
+def _egress_rules(
+    rules: tuple[tuple[str | None, str | None], ...] | None,
+) -> tuple[tuple[str | None, str | None], ...] | None:
+    if not rules:
+        return None
+    out: list[tuple[str | None, str | None]] = []
+    for i, (host, cidr) in enumerate(rules):
+        if (host is None) == (cidr is None):
+            raise ValidationFailed(f"egress.rules[{i}]: give host or cidr, not both")
+        try:
+            pair = (
+                None if host is None else validation.host_pattern(host, allow_any=False),
+                None if cidr is None else validation.cidr(cidr),
+            )
+        except ValueError as exc:
+            raise ValidationFailed(f"egress.rules[{i}]: {exc}") from None
+        if pair not in out:
+            out.append(pair)
+    return tuple(out)
+
+
+def egress_rules_of(row: Vm) -> list[dict[str, str]]:
+    """The VM's own egress rules as stored (``[{"host": ...} | {"cidr": ...}]``)."""
+    if not row.egress_rules:
+        return []
+    rules: list[dict[str, str]] = json.loads(row.egress_rules)
+    return rules
 
 
 def _name_taken(name: str) -> Conflict:
@@ -101,6 +143,10 @@ def create_vm(session: Session, clock: Clock, user_id: str, new: NewVm, *, vm_id
         vcpus=new.vcpus,
         mem_mib=new.mem_mib,
         disk_mib=new.disk_mib,
+        egress_mode=new.egress_mode,
+        egress_rules=None
+        if not new.egress_rules
+        else json.dumps([{"host": h} if h is not None else {"cidr": c} for h, c in new.egress_rules]),
         container_id=vm_id,  # a pooled sandbox runs already: reconciliation must know it is this VM's
         created_at=now,
         updated_at=now,

@@ -200,5 +200,8 @@ class Vm(Base):
     disk_mib: Mapped[int] = mapped_column(Integer)
     container_id: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
     create_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # per-VM egress overrides: its own mode (else the account's) and rules added to the account's
+    egress_mode: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    egress_rules: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON [{"host"|"cidr": ...}]
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)

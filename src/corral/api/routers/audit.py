@@ -45,7 +45,7 @@ def list_egress_events(
     mode: Annotated[str | None, Query(description="enforce or warn")] = None,
     host: Annotated[str | None, Query(description="Filter by exact host", max_length=255)] = None,
     cidr: Annotated[str | None, Query(description="Events inside this network", max_length=64)] = None,
-    protocol: Annotated[str | None, Query(description="http, tls or tcp")] = None,
+    protocol: Annotated[str | None, Query(description="http, tls, tcp or dns")] = None,
     since: Annotated[str | None, Query(description="Only events after this ISO 8601 timestamp")] = None,
     until: Annotated[str | None, Query(description="Only events before this ISO 8601 timestamp")] = None,
     cursor: Cursor = None,

@@ -46,6 +46,9 @@ def vm_out(row: Vm) -> VmOut:
             "snapshot_id": row.snapshot_id,
             "create_ms": row.create_ms,
             "failure_reason": row.failure_reason if detail is Detail.FAILED else None,
+            "egress": None
+            if row.egress_mode is None and not row.egress_rules
+            else {"mode": row.egress_mode, "rules": vms.egress_rules_of(row)},
         }
     )
 
@@ -70,6 +73,8 @@ def create_vm(body: VmCreateRequest, who: PrincipalDep, st: StateDep) -> VmOut:
             mem_mib=body.mem_mib,
             disk_mib=body.disk_mib,
             snapshot_id=body.snapshot_id,
+            egress_mode=body.egress.mode if body.egress else None,
+            egress_rules=tuple((r.host, r.cidr) for r in body.egress.rules) if body.egress else None,
         ),
         life.limits,
     )

@@ -1,0 +1,348 @@
+"""Corral's mitmproxy addon: the decision on every connection a sandbox opens, and on every HTTP request in
+one the proxy can read.
+
+The first bytes decide (the proxy runs with ``connection_strategy=lazy``: nothing is connected upstream
+before the decision):
+- a TLS ClientHello: by its SNI. Allowed names are resolved by the proxy's own resolver and connected to by
+  that address, never the address the sandbox chose (so SNI cannot smuggle a connection elsewhere). Passed
+  through untouched, unless a secret of the owner is scoped to the name: then intercepted (the installation's
+  CA) so the placeholder can be replaced.
+- an HTTP request: each request by its Host header, resolved the same way (so a keep-alive connection cannot
+  switch hosts unchecked).
+- anything else (or TLS without SNI): raw TCP, by the destination address (CIDR rules) or by the name the
+  sandbox resolved through Corral's DNS to that address.
+Addresses of the platform (other sandboxes, the gateway, loopback, link-local) are refused in every mode."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from mitmproxy import http, tcp
+from mitmproxy.addons.next_layer import NextLayer
+from mitmproxy.connection import Client
+from mitmproxy.net.tls import starts_like_tls_record
+from mitmproxy.proxy import commands, events, layer, layers
+from mitmproxy.proxy.layers.http import HTTPMode
+from mitmproxy.proxy.layers.tls import parse_client_hello
+
+from corral.domain.egress_policy import Decision, Forbidden, is_ip_literal, normalise_host, split_host_port
+from corral.egress.dns import NameMemory, Resolver, UpstreamError
+from corral.egress.inject import Injector
+from corral.egress.state import VmEntry
+from corral.services.audit import NewEvent
+
+log = logging.getLogger(__name__)
+
+# an HTTP/1 request line (the method is any RFC 9110 token), or HTTP/2's preface
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_HTTP_START = re.compile(rb"^" + _TOKEN + rb" \S+ HTTP/\d(?:\.\d)?\r?\n|^PRI \* HTTP/2\.0\r\n")
+# the start of a request line cut short (method, a space, then no line end yet): wait for the rest
+_HTTP_PREFIX = re.compile(rb"^" + _TOKEN + rb" [^\r\n]*$")
+MAX_REQUEST_LINE = 16384
+MAX_UNDECIDED = 64 * 1024  # bytes a connection may send before it is decided (a ClientHello fits easily)
+# one sandbox cannot hold every descriptor of the proxy, which all sandboxes of the node share
+MAX_CONNECTIONS_PER_VM = 1024
+BLOCKED_BODY = b"Blocked by the Corral egress policy.\n"
+
+
+def audit_host(name: str | None) -> str | None:
+    """A name as the audit log stores it: printable ASCII, at most 253 characters (a sandbox chooses SNI
+    and Host freely; anything else is escaped, and an over-long name is cut and marked)."""
+    if name is None:
+        return None
+    text = name.encode("ascii", "backslashreplace").decode("ascii")
+    text = "".join(ch if 32 < ord(ch) < 127 else f"\\x{ord(ch):02x}" for ch in text)
+    return text if len(text) <= 253 else text[:250] + "..."
+
+
+def audit_event(
+    vm: VmEntry, protocol: str, decision: Decision, host: str | None, address: str | None, at: datetime
+) -> NewEvent:
+    """The audit event of one decision: the name sanitised, the address as a /32 when there is no name."""
+    host = audit_host(host)
+    return NewEvent(
+        user_id=vm.user_id,
+        timestamp=at,
+        vm_id=vm.vm_id,
+        host=host,
+        cidr=None if host or not address else f"{address}/32",
+        protocol=protocol,
+        verdict=decision.verdict,
+        allowed=decision.allowed,
+        mode=decision.mode,
+    )
+
+
+@dataclass
+class Conn:
+    vm: VmEntry
+    protocol: str  # http | tls | tcp
+    sni: str | None = None
+    intercepted: bool = False
+    port: int = 0
+
+
+class TopLevelOnly(NextLayer):
+    """mitmproxy's protocol detection, for layers inside a connection only: the top-level decision is
+    Corral's alone (when Corral waits for more bytes, this must not decide in its place)."""
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        if len(nextlayer.context.layers) == 1:
+            return
+        super().next_layer(nextlayer)
+
+
+class _Refuse(layer.Layer):
+    """Close the client's connection at once (a denied connection)."""
+
+    def _handle_event(self, event: events.Event) -> Generator[commands.Command, Any, None]:
+        if isinstance(event, events.Start | events.DataReceived):
+            self._handle_event = self._done  # type: ignore[method-assign]
+            yield commands.CloseConnection(self.context.client)
+
+    def _done(self, event: events.Event) -> Generator[commands.Command, Any, None]:
+        yield from ()
+
+
+class EgressAddon:
+    def __init__(
+        self,
+        *,
+        identify: Callable[[str], Awaitable[VmEntry | None]],
+        resolver: Resolver,
+        memory: NameMemory,
+        forbidden: Forbidden,
+        audit: Callable[[NewEvent], None],
+        now: Callable[[], datetime],
+        max_per_vm: int = MAX_CONNECTIONS_PER_VM,
+    ) -> None:
+        self.identify = identify
+        self.resolver = resolver
+        self.memory = memory
+        self.forbidden = forbidden
+        self.audit = audit
+        self.now = now
+        self.conns: dict[str, Conn] = {}
+        self.open_per_vm: dict[str, int] = {}
+        self.max_per_vm = max_per_vm
+
+    # ---- bookkeeping ----------------------------------------------------------------------------------------
+
+    def client_disconnected(self, client: Client) -> None:
+        conn = self.conns.pop(client.id, None)
+        if conn is not None:
+            left = self.open_per_vm.get(conn.vm.vm_id, 1) - 1
+            if left > 0:
+                self.open_per_vm[conn.vm.vm_id] = left
+            else:
+                self.open_per_vm.pop(conn.vm.vm_id, None)
+
+    def _record(
+        self, vm: VmEntry, protocol: str, decision: Decision, host: str | None, address: str | None
+    ) -> None:
+        if host is not None and is_ip_literal(host):  # an address given as a name is recorded as one
+            address = host.strip("[]")
+            host = None
+        self.audit(audit_event(vm, protocol, decision, host, address, self.now()))
+
+    async def _address_of(self, name: str) -> str | None:
+        """The address the proxy connects to for ``name``: its own resolution, never a platform address."""
+        if is_ip_literal(name):
+            address = name.strip("[]")
+            return None if address in self.forbidden else address
+        try:
+            addresses = await self.resolver.resolve(name)
+        except Exception as exc:  # UpstreamError, or a name the DNS codec refuses (label > 63, bad IDNA)
+            if not isinstance(exc, UpstreamError):
+                log.info("cannot resolve %r: %s", name[:300], exc)
+            return None
+        usable = [a for a in addresses if a not in self.forbidden]
+        return usable[0] if usable else None
+
+    # ---- connections ----------------------------------------------------------------------------------------
+
+    async def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        """Decide a connection of a sandbox (the top layer only: inside a connection intercepted here,
+        mitmproxy's own addon picks the protocol). Any failure refuses the connection: nothing passes
+        undecided (``TopLevelOnly`` keeps mitmproxy's addon from deciding in our place)."""
+        ctx = nextlayer.context
+        if nextlayer.layer is not None or len(ctx.layers) != 1:
+            return
+        try:
+            await self._decide(nextlayer)
+        except Exception:
+            log.exception("deciding a connection from %s failed: refused", ctx.client.peername[0])
+            nextlayer.layer = _Refuse(ctx)
+
+    async def _decide(self, nextlayer: layer.NextLayer) -> None:
+        ctx = nextlayer.context
+        conn = self.conns.get(ctx.client.id)
+        if conn is None:
+            vm = await self.identify(ctx.client.peername[0])
+            if vm is None:
+                log.warning("connection from unknown address %s refused", ctx.client.peername[0])
+                nextlayer.layer = _Refuse(ctx)
+                return
+            if ctx.client.timestamp_end is not None:  # gone while we looked it up: nothing to count
+                nextlayer.layer = _Refuse(ctx)
+                return
+            if self.open_per_vm.get(vm.vm_id, 0) >= self.max_per_vm:
+                log.warning("%s has %d connections open: one more refused", vm.vm_id, self.max_per_vm)
+                nextlayer.layer = _Refuse(ctx)
+                return
+            conn = Conn(vm, "tcp")
+            self.conns[ctx.client.id] = conn
+            self.open_per_vm[vm.vm_id] = self.open_per_vm.get(vm.vm_id, 0) + 1
+        vm = conn.vm
+        assert ctx.server.address is not None
+        dst, port = str(ctx.server.address[0]), int(ctx.server.address[1])
+        conn.port = port
+        if dst in self.forbidden:
+            self._record(vm, "tcp", Decision("denied", False, vm.policy.mode), None, dst)
+            nextlayer.layer = _Refuse(ctx)
+            return
+        data: bytes = nextlayer.data_client()  # type: ignore[no-untyped-call]
+        if not data:
+            return  # wait for the client to speak (a server-first protocol waits: see docs/security.md)
+        if len(data) > MAX_UNDECIDED:
+            self._record(vm, "tcp", Decision("denied", False, vm.policy.mode), None, dst)
+            nextlayer.layer = _Refuse(ctx)
+            return
+        if starts_like_tls_record(data):
+            try:
+                hello = parse_client_hello(data)
+            except ValueError:
+                hello = None
+            else:
+                if hello is None:
+                    return  # the ClientHello is not complete yet
+            if hello is not None and hello.sni:
+                await self._tls(nextlayer, conn, normalise_host(hello.sni), port)
+                return
+            self._raw(nextlayer, conn, "tls", dst, port)
+            return
+        if _HTTP_START.match(data):
+            conn.protocol = "http"
+            nextlayer.layer = layers.HttpLayer(ctx, HTTPMode.transparent)
+            return
+        if len(data) < MAX_REQUEST_LINE and _HTTP_PREFIX.match(data):
+            return  # perhaps a request line not complete yet: wait for the rest
+        self._raw(nextlayer, conn, "tcp", dst, port)
+
+    async def _tls(self, nextlayer: layer.NextLayer, conn: Conn, sni: str, port: int) -> None:
+        ctx, vm = nextlayer.context, conn.vm
+        conn.protocol, conn.sni = "tls", sni
+        decision = vm.policy.decide(host=sni, address=sni if is_ip_literal(sni) else None)
+        address = await self._address_of(sni) if decision.allowed else None
+        if decision.allowed and address is None:
+            decision = Decision(decision.verdict, False, decision.mode)  # unresolvable, or a platform address
+        self._record(vm, "tls", decision, sni, None)
+        if not decision.allowed:
+            nextlayer.layer = _Refuse(ctx)
+            return
+        assert address is not None
+        ctx.server.address = (address, port)
+        ctx.server.sni = sni
+        if decision.verdict == "allowed" and Injector.for_host(vm.secrets, sni):
+            conn.intercepted = True
+            server_tls = layers.ServerTLSLayer(ctx)
+            server_tls.child_layer = layers.ClientTLSLayer(ctx)
+            nextlayer.layer = server_tls
+        else:
+            nextlayer.layer = layers.TCPLayer(ctx, ignore=True)
+
+    def _raw(self, nextlayer: layer.NextLayer, conn: Conn, protocol: str, dst: str, port: int) -> None:
+        ctx, vm = nextlayer.context, conn.vm
+        conn.protocol = protocol
+        name = self.memory.name_for(vm.vm_id, dst)
+        decision = vm.policy.decide(host=name, address=dst)
+        self._record(vm, protocol, decision, name, dst)
+        nextlayer.layer = layers.TCPLayer(ctx, ignore=True) if decision.allowed else _Refuse(ctx)
+
+    # ---- HTTP requests ----------------------------------------------------------------------------------------
+
+    def _refuse_request(self, flow: http.HTTPFlow, status: int) -> None:
+        if flow.request.stream:  # a large body already streaming: a response cannot be set any more
+            flow.kill()  # type: ignore[no-untyped-call]
+            return
+        flow.response = http.Response.make(status, BLOCKED_BODY, {"Content-Type": "text/plain"})
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Decide one HTTP request (plain, or inside TLS intercepted here) with the VM's policy and secrets
+        as they are now. Any failure refuses the request."""
+        try:
+            await self._request(flow)
+        except Exception:
+            log.exception("deciding a request failed: refused")
+            self._refuse_request(flow, 403)
+
+    async def _request(self, flow: http.HTTPFlow) -> None:
+        conn = self.conns.get(flow.client_conn.id)
+        vm = await self.identify(flow.client_conn.peername[0]) if conn is not None else None
+        if conn is None or vm is None or vm.vm_id != conn.vm.vm_id:
+            self._refuse_request(flow, 403)
+            return
+        header = flow.request.host_header
+        name = split_host_port(header) if header else None
+        authority = flow.request.authority
+        if flow.request.method.upper() == "CONNECT" or (
+            authority and name is not None and split_host_port(authority) != name
+        ):
+            # a tunnel request, or a request line naming another host than its Host header: never forwarded
+            self._record(vm, "http", Decision("denied", False, vm.policy.mode), name, None)
+            self._refuse_request(flow, 403)
+            return
+        if conn.intercepted:
+            # inside TLS the proxy terminated for this name: any other Host is refused
+            decision = vm.policy.decide(host=conn.sni)
+            if name != conn.sni:
+                decision = Decision("denied", False, decision.mode)
+            self._record(vm, "http", decision, name or conn.sni, None)
+            if not decision.allowed:
+                self._refuse_request(flow, 421)
+                return
+            if decision.verdict == "allowed":
+                injector = Injector.for_host(vm.secrets, conn.sni or "")
+                current: list[tuple[str, str]] = list(flow.request.headers.items(multi=True))  # type: ignore[no-untyped-call]
+                fields, used = injector.headers(current)
+                if used:
+                    flow.request.headers.clear()
+                    for key, value in fields:
+                        flow.request.headers.add(key, value)
+            return
+        if name is None:  # no Host (HTTP/1.0): the destination address decides
+            dst = flow.request.host
+            decision = vm.policy.decide(address=dst)
+            if dst in self.forbidden:
+                decision = Decision(decision.verdict, False, decision.mode)
+            self._record(vm, "http", decision, None, dst)
+            if not decision.allowed:
+                self._refuse_request(flow, 403)
+            return
+        decision = vm.policy.decide(host=name, address=name if is_ip_literal(name) else None)
+        address = await self._address_of(name) if decision.allowed else None
+        if decision.allowed and address is None:
+            decision = Decision(decision.verdict, False, decision.mode)
+        self._record(vm, "http", decision, name, None)
+        if not decision.allowed or address is None:
+            self._refuse_request(flow, 403)
+            return
+        # connect to the name's address, on the port the sandbox asked for; the Host header stays as sent
+        assert header is not None
+        flow.request.host = address
+        flow.request.host_header = header
+
+    # ---- upgraded connections -----------------------------------------------------------------------------
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        """mitmproxy keeps every message of a flow; a long-lived WebSocket would grow without end."""
+        if flow.websocket is not None:
+            del flow.websocket.messages[:-1]
+
+    def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        del flow.messages[:-1]

@@ -1,0 +1,28 @@
+"""per-VM egress overrides
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-23 16:20:00
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("vms", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("egress_mode", sa.String(length=16), nullable=True))
+        batch_op.add_column(sa.Column("egress_rules", sa.Text(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("vms", schema=None) as batch_op:
+        batch_op.drop_column("egress_rules")
+        batch_op.drop_column("egress_mode")
