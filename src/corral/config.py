@@ -117,6 +117,9 @@ class Settings:
     egress_deny_cidrs: tuple[str, ...] = DEFAULT_EGRESS_DENY
     egress_proxy_port: int = 15001
     egress_dns_port: int = 15053
+    # where `make install` builds CRIU and crun with libcriu (scripts/build-state-tools); used when present
+    tools_prefix: Path = Path("/opt/corral")
+    snapshots_dir: Path | None = None  # the local snapshot store; default: <data_dir>/snapshots
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -157,12 +160,18 @@ class Settings:
             egress_deny_cidrs=_cidrs(env, "CORRAL_EGRESS_DENY_CIDRS", DEFAULT_EGRESS_DENY),
             egress_proxy_port=_int(env, "CORRAL_EGRESS_PROXY_PORT", 15001),
             egress_dns_port=_int(env, "CORRAL_EGRESS_DNS_PORT", 15053),
+            tools_prefix=Path(env.get("CORRAL_TOOLS_PREFIX") or "/opt/corral"),
+            snapshots_dir=Path(env["CORRAL_SNAPSHOTS_DIR"]) if env.get("CORRAL_SNAPSHOTS_DIR") else None,
         )
 
     @property
     def egress_dir(self) -> Path:
         """The egress proxy's CA and state."""
         return self.data_dir / "egress"
+
+    @property
+    def snapshots_path(self) -> Path:
+        return self.snapshots_dir or self.data_dir / "snapshots"
 
     @property
     def images_path(self) -> Path:

@@ -14,16 +14,18 @@ from corral import __version__
 from corral.api import docs, errors, openapi
 from corral.api.deps import AppState
 from corral.api.limits import RequestGuard
-from corral.api.routers import audit, auth, egress, env, execs, health, secrets, users, vms
+from corral.api.routers import audit, auth, egress, env, execs, health, secrets, state, users, vms
 from corral.config import Settings, prepare_data_dir
 from corral.domain.clock import Clock, SystemClock
 from corral.domain.ratelimit import Limit, RateLimiter
 from corral.egress.supervisor import EgressSupervisor
 from corral.node.setup import ensure_default_image, make_node
+from corral.node.snapstore import LocalSnapshotStore
 from corral.runtime.images import Progress
 from corral.security.secretbox import AesGcmCipher, load_or_create_key
 from corral.services.context import Services
 from corral.services.lifecycle import Lifecycle
+from corral.services.state import StateService
 from corral.services.vms import ResourceLimits
 from corral.store.db import make_engine, migrate, read_session_factory, session_factory
 
@@ -45,7 +47,7 @@ def make_lifecycle(
     reads: sessionmaker[Session],
     clock: Clock,
     progress: Progress | None,
-) -> Lifecycle:
+) -> tuple[Lifecycle, StateService]:
     """The node on this host, made ready, its default image present, and reconciled with the store."""
     node = make_node(settings)
     node.prepare()
@@ -61,7 +63,11 @@ def make_lifecycle(
         pool_size=settings.warm_pool_size,
         reads=reads,
     )
+    saved = StateService(life, LocalSnapshotStore(settings.snapshots_path))
+    life.saved_state = saved
+    life.on_destroy = saved.forget_vm
     result = life.reconcile()
+    saved.reconcile()
     log.info(
         "reconciled: %d VMs adopted, %d failed, %d operations finished, %d orphans removed",
         result.adopted,
@@ -69,7 +75,7 @@ def make_lifecycle(
         result.finished,
         result.orphans_removed,
     )
-    return life
+    return life, saved
 
 
 def create_app(
@@ -83,7 +89,9 @@ def create_app(
     cipher = AesGcmCipher(load_or_create_key(settings.secret_key_file))
     sessions = session_factory(engine)
     reads = read_session_factory(engine)
-    life = make_lifecycle(settings, sessions, reads, clock, progress) if settings.node else None
+    life, saved = (
+        make_lifecycle(settings, sessions, reads, clock, progress) if settings.node else (None, None)
+    )
     egress_process = (
         EgressSupervisor(settings, settings.gateway_netns) if life is not None and settings.network else None
     )
@@ -100,6 +108,8 @@ def create_app(
             yield
         finally:
             if life is not None:
+                if life.saved_state is not None:
+                    life.saved_state.close()
                 life.close()
             if egress_process is not None:
                 await anyio.to_thread.run_sync(egress_process.stop)
@@ -126,10 +136,11 @@ def create_app(
         ),
         lifecycle=life,
         reads=reads,
+        saved_state=saved,
     )
     errors.install(app)
     docs.install(app)
-    for module in (health, users, auth, env, secrets, egress, audit, vms, execs):
+    for module in (health, users, auth, env, secrets, egress, audit, vms, execs, state):
         app.include_router(module.router)
     app.include_router(vms.images_router)
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)

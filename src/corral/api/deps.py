@@ -16,6 +16,7 @@ from corral.domain.errors import RateLimited, Unauthorized
 from corral.domain.ratelimit import RateLimiter
 from corral.services.context import Services
 from corral.services.lifecycle import Lifecycle
+from corral.services.state import StateService
 from corral.services.users import Principal, authenticate
 
 
@@ -29,6 +30,7 @@ class AppState:
     anon_limiter: RateLimiter
     lifecycle: Lifecycle | None = None
     reads: sessionmaker[Session] | None = None  # read-only sessions (no write lock on SQLite)
+    saved_state: StateService | None = None  # snapshots, hibernate, fork, checkpoints
 
 
 def state(request: Request) -> AppState:

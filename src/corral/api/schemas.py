@@ -306,6 +306,10 @@ class VmOut(Response):
         "destroying",
         "destroyed",
         "failed",
+        "hibernating",
+        "hibernated",
+        "resuming",
+        "rolling_back",
     ]
     created_at: Timestamp
     updated_at: Timestamp
@@ -379,3 +383,54 @@ class ImageOut(Response):
     created_at: Timestamp
     source: str
     default: bool
+
+
+class SnapshotCreateRequest(Request):
+    label: str | None = Field(default=None, max_length=256, description="Optional label for the snapshot.")
+    disk_only: bool = Field(
+        default=False,
+        description="Capture the disk only. By default the memory and process tree are captured too, and a "
+        "VM booted from the snapshot continues the processes where they were.",
+    )
+
+
+class SnapshotOut(Response):
+    id: str = Field(examples=["snap_abc123"])
+    source_virtual_machine_id: str
+    source_base_image: str | None = Field(description="Present if the VM had no prior snapshot.")
+    source_snapshot_id: str | None = Field(description="Present if the VM was booted from a snapshot.")
+    label: str | None
+    status: Literal["pending", "uploading", "ready", "failed"]
+    r2_key: str | None = Field(description="Storage key of the snapshot's data; present once uploaded.")
+    size_bytes: int | None = Field(description="Bytes stored; present once uploaded.")
+    created_at: Timestamp
+    memory: bool = Field(description="Whether the memory and process tree were captured (not disk only).")
+    failure_reason: str | None = Field(default=None, description="Why the snapshot is `failed`.")
+
+
+class ForkRequest(Request):
+    count: int = Field(default=1, ge=1, le=16, description="How many children to make (1 to 16).")
+
+
+class CheckpointCreateRequest(Request):
+    name: str = Field(
+        min_length=1,
+        max_length=64,
+        description="Unique among the VM's checkpoints. Letters, digits, '.', '_' and '-'.",
+        json_schema_extra={"pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+        examples=["before-migration"],
+    )
+    disk_only: bool = Field(default=False, description="Keep the disk only (rollback then reboots from it).")
+
+
+class CheckpointOut(Response):
+    id: str = Field(examples=["ckpt_k3mf9xvw2p"])
+    vm_id: str
+    name: str
+    memory: bool
+    size_bytes: int = Field(description="Bytes of memory images kept (the disk shares unchanged blocks).")
+    created_at: Timestamp
+
+
+class RollbackRequest(Request):
+    checkpoint_id: str = Field(max_length=80, description="The checkpoint to go back to.")

@@ -16,6 +16,7 @@ class Prefix(StrEnum):
     EGRESS_EVENT = "ee"
     SECRET = "sec"  # noqa: S105 (an ID prefix)
     SNAPSHOT = "snap"
+    CHECKPOINT = "ckpt"
     AGENT = "agt"
     ENV = "env"
     USER = "usr"

@@ -17,6 +17,12 @@ class Detail(StrEnum):
     DESTROYING = "destroying"
     DESTROYED = "destroyed"
     FAILED = "failed"
+    # memory and disk saved, CPU and memory freed (hibernate); resumed with its processes as they were
+    HIBERNATING = "hibernating"
+    HIBERNATED = "hibernated"
+    RESUMING = "resuming"
+    # back to a checkpoint, disk and memory
+    ROLLING_BACK = "rolling_back"
 
 
 class Status(StrEnum):
@@ -38,6 +44,10 @@ STATUS_OF: dict[Detail, Status] = {
     Detail.DESTROYING: Status.DESTROYED,
     Detail.DESTROYED: Status.DESTROYED,
     Detail.FAILED: Status.FAILED,
+    Detail.HIBERNATING: Status.STOPPED,
+    Detail.HIBERNATED: Status.STOPPED,
+    Detail.RESUMING: Status.PENDING,
+    Detail.ROLLING_BACK: Status.PENDING,
 }
 
 D = Detail
@@ -47,7 +57,13 @@ TRANSITIONS: dict[Detail, frozenset[Detail]] = {
     # back to stopped: a start interrupted by a server restart (reconciliation), the disk intact
     D.STARTING: frozenset({D.RUNNING, D.READY, D.STOPPED, D.FAILED}),
     D.RUNNING: frozenset({D.READY, D.STOPPING, D.FAILED}),
-    D.READY: frozenset({D.STOPPING, D.FAILED}),
+    D.READY: frozenset({D.STOPPING, D.HIBERNATING, D.ROLLING_BACK, D.FAILED}),
+    # back to ready: the dump failed and the sandbox runs on (or a server restart found it running)
+    D.HIBERNATING: frozenset({D.HIBERNATED, D.READY, D.FAILED}),
+    D.HIBERNATED: frozenset({D.RESUMING, D.DESTROYING}),
+    # back to hibernated: the restore failed, the saved state is intact
+    D.RESUMING: frozenset({D.READY, D.HIBERNATED, D.FAILED}),
+    D.ROLLING_BACK: frozenset({D.READY, D.FAILED}),
     D.STOPPING: frozenset({D.STOPPED, D.FAILED}),
     D.STOPPED: frozenset({D.STARTING, D.DESTROYING}),
     D.DESTROYING: frozenset({D.DESTROYED, D.FAILED}),
@@ -57,7 +73,9 @@ TRANSITIONS: dict[Detail, frozenset[Detail]] = {
 }
 
 # States in which the VM's sandbox may exist on the host (reconciliation keeps those resources).
-ACTIVE = frozenset({D.CREATING, D.STARTING, D.RUNNING, D.READY, D.STOPPING})
+ACTIVE = frozenset(
+    {D.CREATING, D.STARTING, D.RUNNING, D.READY, D.STOPPING, D.HIBERNATING, D.RESUMING, D.ROLLING_BACK}
+)
 # States in which a process can be run in the VM.
 EXECUTABLE = frozenset({D.RUNNING, D.READY})
 

@@ -130,21 +130,25 @@ class Gateway:
         except CommandFailed:
             return {}
 
-    def _take_slot(self, cid: str) -> int:
+    def _take_slot(self, cid: str, prefer: int | None = None) -> int:
         with self._lock:
             if cid in self._slots:
                 raise NetworkError(f"{cid} already has a network link")
             used = set(self._slots.values())
+            if prefer is not None and prefer not in used:
+                self._slots[cid] = prefer
+                return prefer
             for slot in range(1, self.plan.max_slot + 1):
                 if slot not in used:
                     self._slots[cid] = slot
                     return slot
         raise NetworkError("no network slot is free on this node")
 
-    def attach(self, cid: str, pid: int) -> str:
-        """Give the running sandbox ``cid`` (its init is ``pid``) its link; returns its address. On failure
-        nothing is left."""
-        slot = self._take_slot(cid)
+    def attach(self, cid: str, pid: int, slot: int | None = None) -> str:
+        """Give the running sandbox ``cid`` (its init is ``pid``) its link; returns its address. ``slot``:
+        the one it had before a checkpoint, if still free (its address, so its peers' view, is kept). On
+        failure nothing is left."""
+        slot = self._take_slot(cid, slot)
         batch = netplan.attach_gateway_batch(self.plan, slot, cid, pid)
         try:
             try:
@@ -175,14 +179,15 @@ class Gateway:
         with contextlib.suppress(CommandFailed):
             self._ip("link", "del", netplan.link_name(slot))
 
-    def detach(self, cid: str) -> None:
-        """Remove the sandbox's link (both ends) and free its slot; nothing if it has none."""
+    def detach(self, cid: str) -> int | None:
+        """Remove the sandbox's link (both ends) and free its slot; nothing if it has none. Returns the slot."""
         with self._lock:
             slot = self._slots.get(cid)
         if slot is None:
             slot = self.links().get(cid)
         if slot is not None:
             self._drop(cid, slot)
+        return slot
 
     def _drop(self, cid: str, slot: int) -> None:
         self._remove_link(slot)

@@ -122,7 +122,9 @@ def kill_tree(node: Spawner, cid: str, command: Command | int | None, *, deadlin
     while True:
         members = node.sandbox_pids(cid)
         group = command.group
-        if group and any(_group_of(p) == group for p in members):  # the sandbox's group, not a reused id
+        # only a group whose leader is a process of the sandbox: a group made inside it (a group cannot be
+        # joined from another session), never one of the host's (the server's own, say) nor a reused id
+        if group and group in members:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(group, signal.SIGKILL)
         victims = tree_of(command.pid, node.sandbox_pids(cid), command.session)

@@ -5,6 +5,7 @@ undoes what it made."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -166,29 +167,17 @@ class LocalNode:
             # the network's files are written while the runtime creates the container, the link is made
             # while it starts it: neither depends on the other (together ~10 ms off a cold boot)
             seeding = self._beside(self._seed_network, cid, target) if self.gateway is not None else None
-            spec = SandboxSpec(
-                hostname=hostname,
-                rootfs=str(target),
-                ids=IdRange(self.config.id_base, self.config.id_size),
-                limits=Limits(vcpus=res.vcpus, mem_mib=res.mem_mib, pids=res.pids),
-                cgroups_path=f"/{self.cgroup_parent}/{cid}",
-                args=(INIT_PATH,) if agent else (INIT_PATH, "-P"),
-                env=_env_map(image.env),
-                runtime=self.config.runtime,
-                seccomp=default_profile(),
-                binds=((init_binary, INIT_PATH),),
-                annotations={"run.corral.node": self.node_id},
-            )
-            (bundle / "config.json").write_text(json.dumps(build_config(spec)))
+            self.write_config(cid, image, res, hostname, init_binary, agent)
             try:
                 if not agent:
                     pid = self.runtime.create(cid, bundle)
                 else:
-                    with _listening(bundle / AGENT_SOCKET) as listener:
+                    with listening(bundle / AGENT_SOCKET) as listener:
                         pid = self.runtime.create(cid, bundle, fd3=listener.fileno())
             finally:
                 if seeding is not None:
                     seeding.result()
+            self._remember_seccomp(cid)
             if self.gateway is not None:
                 attaching = self._beside(self.gateway.attach, cid, pid)
                 try:
@@ -205,6 +194,47 @@ class LocalNode:
             if isinstance(exc, NodeError | NetworkError):
                 raise NodeError(str(exc)) from exc
             raise NodeError(f"the sandbox failed to boot: {exc}") from exc
+
+    def write_config(
+        self, cid: str, image: Image, res: Resources, hostname: str, init_binary: str, agent: bool
+    ) -> None:
+        """The sandbox's OCI config.json in its bundle (the same for a boot and a restore)."""
+        bundle = self.bundles / cid
+        spec = SandboxSpec(
+            hostname=hostname,
+            rootfs=str(bundle / "rootfs"),
+            ids=IdRange(self.config.id_base, self.config.id_size),
+            limits=Limits(vcpus=res.vcpus, mem_mib=res.mem_mib, pids=res.pids),
+            cgroups_path=f"/{self.cgroup_parent}/{cid}",
+            args=(INIT_PATH,) if agent else (INIT_PATH, "-P"),
+            env=_env_map(image.env),
+            runtime=self.config.runtime,
+            seccomp=default_profile(),
+            binds=((init_binary, INIT_PATH),),
+            annotations={"run.corral.node": self.node_id},
+        )
+        (bundle / "config.json").write_text(json.dumps(build_config(spec)))
+
+    def _seccomp_copy(self) -> Path:
+        profile = json.dumps(default_profile(), sort_keys=True).encode()
+        return self.config.root / f"seccomp-{hashlib.sha256(profile).hexdigest()[:16]}.bpf"
+
+    def _remember_seccomp(self, cid: str) -> None:
+        """Keep the filter crun compiled for a sandbox (the same for every sandbox of this profile): a
+        restored sandbox needs it put back (see ``node.state``)."""
+        if not self.runtime.cli.is_crun:
+            return
+        copy = self._seccomp_copy()
+        compiled = Path(self.runtime.cli.state_root) / cid / "seccomp.bpf"
+        if not copy.exists() and compiled.exists():
+            staging = copy.with_suffix(".new")
+            shutil.copyfile(compiled, staging)
+            staging.chmod(0o600)
+            staging.rename(copy)
+
+    def seccomp_filter(self) -> Path | None:
+        copy = self._seccomp_copy()
+        return copy if copy.exists() else None
 
     def _beside(self, fn: Callable[..., object], *args: object) -> Future[object]:
         """Run ``fn`` in a helper thread while the caller goes on (``.result()`` joins and re-raises)."""
@@ -288,10 +318,12 @@ class LocalNode:
         ``inner_sid``: the group first (atomic with respect to fork), then each member, until none is left."""
         end = time.monotonic() + deadline_s
         while time.monotonic() < end:
-            victims = [p for p in self.sandbox_pids(cid) if _inner_ids(p, "NSsid") == inner_sid]
+            members = self.sandbox_pids(cid)
+            victims = [p for p in members if _inner_ids(p, "NSsid") == inner_sid]
             if not victims:
                 return
-            groups = {_outer_ids(p, "NSpgid") for p in victims} - {None}
+            # only groups led by a process of the sandbox (never a host group a process entered with)
+            groups = {_outer_ids(p, "NSpgid") for p in victims} & members
             for group in groups:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(group, signal.SIGKILL)  # type: ignore[arg-type]
@@ -427,7 +459,7 @@ def _outer_ids(pid: int, key: str) -> int | None:
 
 
 @contextlib.contextmanager
-def _listening(path: Path) -> Iterator[socket.socket]:
+def listening(path: Path) -> Iterator[socket.socket]:
     """A listening unix socket at ``path`` (owner-only), closed here once handed to the sandbox's init."""
     if len(str(path)) > 100:
         raise NodeError(f"the data directory's path is too long for a unix socket: {path}")

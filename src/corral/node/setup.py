@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from corral.config import Settings
@@ -49,13 +50,27 @@ def host_name_servers() -> tuple[str, ...]:
     return ()
 
 
+def use_tools(prefix: Path) -> str | None:
+    """Put Corral's own CRIU (built by scripts/build-state-tools) first on PATH, where the runtimes look for
+    it; the crun built with it, if there is one."""
+    sbin = prefix / "sbin"
+    if (sbin / "criu").exists():
+        path = os.environ.get("PATH", "")
+        if str(sbin) not in path.split(":"):
+            os.environ["PATH"] = f"{sbin}:{path}" if path else str(sbin)
+    crun = prefix / "bin" / "crun"
+    return str(crun) if crun.exists() else None
+
+
 def make_node(settings: Settings) -> LocalNode:
     plan = net_plan(settings)
+    crun = use_tools(settings.tools_prefix)
     return LocalNode(
         NodeConfig(
             root=settings.data_dir / "node",
             images_dir=settings.images_path,
             runtime=Runtime(settings.runtime),
+            runtime_binary=crun if settings.runtime == "crun" else None,
             id_base=settings.sandbox_id_base,
             disk_pool_bytes=settings.disk_pool_gib * GIB,
             init_binary=settings.sandbox_init,

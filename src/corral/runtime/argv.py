@@ -35,6 +35,44 @@ class RuntimeCli:
     def delete(self, name: str, *, force: bool = True) -> list[str]:
         return [*self._base(), "delete", *(["--force"] if force else []), name]
 
+    @property
+    def is_crun(self) -> bool:
+        return "crun" in self.binary.rsplit("/", 1)[-1]
+
+    def checkpoint(self, name: str, image_dir: str, work_dir: str, *, leave_running: bool) -> list[str]:
+        """Dump the container's processes with CRIU into ``image_dir``. The sandbox's network link is removed
+        before (no TCP connection is kept), so CRIU's network lock is skipped where the runtime offers it
+        (crun; ~65-100 ms of iptables otherwise)."""
+        cmd = [*self._base(), "checkpoint", "--image-path", image_dir, "--work-path", work_dir]
+        if leave_running:
+            cmd.append("--leave-running")
+        if self.is_crun:
+            cmd += ["--network-lock", "skip"]
+        return [*cmd, name]
+
+    def restore(self, name: str, bundle: str, image_dir: str, work_dir: str, pid_file: str) -> list[str]:
+        """Restore a container from ``image_dir`` with the configuration in ``bundle`` (a new name is a
+        new container: a fork), detached, its init's host PID written to ``pid_file``."""
+        cmd = [
+            *self._base(),
+            "restore",
+            "--bundle",
+            bundle,
+            "--image-path",
+            image_dir,
+            "--work-path",
+            work_dir,
+        ]
+        cmd += ["--detach", "--pid-file", pid_file]
+        if self.is_crun:
+            cmd += ["--network-lock", "skip"]
+        return [*cmd, name]
+
+    def exec_detached(self, name: str, args: Sequence[str], *, preserve_fds: int = 0) -> list[str]:
+        """``exec`` of a process left running in the sandbox (its fds 3.. from ``preserve_fds``)."""
+        extra = ["--preserve-fds", str(preserve_fds)] if preserve_fds else []
+        return [*self._base(), "exec", "--detach", "--no-new-privs", *extra, name, *args]
+
     def list_names(self) -> list[str]:
         return [*self._base(), "list", "--quiet"]
 

@@ -85,6 +85,32 @@ class DiskPool:
             raise
         return path
 
+    def snapshot(self, source: Path, dest: Path, *, readonly: bool) -> None:
+        """An O(1) copy-on-write copy of the subvolume ``source`` at ``dest`` (both on this pool)."""
+        run(["btrfs", "subvolume", "snapshot", *(["-r"] if readonly else []), str(source), str(dest)])
+
+    def clone(self, source: Path, name: str, limit_mib: int) -> Path:
+        """A new writable volume ``name`` whose content is ``source``'s (a captured disk), limited like
+        ``create``: unchanged data stays shared with ``source`` and every other clone of it."""
+        path = self.path(name)
+        self.snapshot(source, path, readonly=False)
+        try:
+            run(["btrfs", "qgroup", "limit", f"{limit_mib * MIB}", str(path)])
+        except Exception:
+            self.delete(name)
+            raise
+        return path
+
+    def delete_subvolume(self, path: Path) -> None:
+        """Delete a subvolume anywhere on the pool (a captured disk); missing is fine."""
+        if not path.exists():
+            return
+        qgroup = self._qgroup_id(path)
+        run(["btrfs", "subvolume", "delete", str(path)])
+        if qgroup:
+            with contextlib.suppress(CommandFailed):
+                run(["btrfs", "qgroup", "destroy", qgroup, str(self.mountpoint)])
+
     def delete(self, name: str) -> None:
         """Delete the subvolume and its qgroup. Missing is fine."""
         path = self.path(name)

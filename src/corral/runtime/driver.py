@@ -33,6 +33,41 @@ class OciRuntime:
         run_detached(argv, log, timeout=60, fd3=fd3)
         return int(pid_file.read_text().strip())
 
+    def checkpoint(self, cid: str, image_dir: Path, work_dir: Path, *, leave_running: bool) -> None:
+        """CRIU-dump the container into ``image_dir`` (mode 755: the restored init, root of the sandbox's
+        user namespace, must read it); CRIU's own log is ``work_dir/dump.log``."""
+        for d in (image_dir, work_dir):
+            d.mkdir(mode=0o755, parents=True, exist_ok=True)
+            d.chmod(0o755)
+        try:
+            run(
+                self.cli.checkpoint(cid, str(image_dir), str(work_dir), leave_running=leave_running),
+                timeout=300,
+            )
+        except CommandFailed as exc:
+            raise CommandFailed(exc.argv, exc.returncode, exc.stderr + _tail(work_dir / "dump.log")) from None
+
+    def restore(self, cid: str, bundle: Path, image_dir: Path, work_dir: Path) -> int:
+        """Restore a container named ``cid`` from ``image_dir`` with ``bundle``'s config; its init's host PID."""
+        pid_file = bundle / "init.pid"
+        pid_file.unlink(missing_ok=True)
+        work_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        log = bundle / "runtime.log"
+        argv = self.cli.restore(cid, str(bundle), str(image_dir), str(work_dir), str(pid_file))
+        argv = [argv[0], "--log", str(log), *argv[1:]]
+        try:
+            run_detached(argv, log, timeout=300)
+        except CommandFailed as exc:
+            raise CommandFailed(
+                exc.argv, exc.returncode, exc.stderr + _tail(work_dir / "restore.log")
+            ) from None
+        return int(pid_file.read_text().strip())
+
+    def exec_detached(self, cid: str, args: Sequence[str], log: Path, *, fd3: int | None = None) -> None:
+        """Start a process left running in the container (``fd3``: handed to it as its fd 3)."""
+        argv = self.cli.exec_detached(cid, args, preserve_fds=1 if fd3 is not None else 0)
+        run_detached([argv[0], "--log", str(log), *argv[1:]], log, timeout=60, fd3=fd3)
+
     def start(self, cid: str) -> None:
         run(self.cli.start(cid), timeout=30)
 
@@ -81,3 +116,13 @@ class OciRuntime:
         return subprocess.Popen(
             argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
         )
+
+
+def _tail(log: Path, lines: int = 10) -> str:
+    """CRIU's errors and the end of its log, for the operator (never shown to API users)."""
+    try:
+        text = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [line for line in text if "Error (" in line or "Warn" in line][:20]
+    return "\n" + "\n".join([*errors, "...", *text[-lines:]])

@@ -8,10 +8,11 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,6 +22,7 @@ from corral.domain.ids import Prefix, new_id
 from corral.domain.vm_states import EXECUTABLE, Detail
 from corral.node.local import LocalNode, NodeError, Resources
 from corral.node.pool import PoolKey, WarmPool
+from corral.node.state import NodeState, hibernate_key
 from corral.runtime.images import Image
 from corral.services import vms
 from corral.store.db import transaction
@@ -50,6 +52,14 @@ def image_not_found(name: str) -> NotFound:
 
 def hostname_for(vm_id: str) -> str:
     return vm_id.replace("_", "-")
+
+
+class StateServiceLike(Protocol):
+    def close(self) -> None: ...
+
+    def reconcile(self) -> None: ...
+
+    def forget_vm(self, cid: str, vm_id: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,11 @@ class Lifecycle:
         self._locks: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
         self._locks_guard = threading.Lock()
         self._created: dict[str, float] = {}
+        # set by the state service: boots a creating VM from its snapshot; forgets a destroyed VM's states
+        self.saved = NodeState(node)
+        self.snapshot_boot: Callable[[Vm], None] | None = None
+        self.on_destroy: Callable[[str, str], None] | None = None
+        self.saved_state: StateServiceLike | None = None
         # A pooled sandbox is booted under the id its VM will have (its hostname is that id), so the
         # hand-over is one database update.
         self.pool = WarmPool(
@@ -153,7 +168,11 @@ class Lifecycle:
         one fits, else a cold boot. ``new`` must have been through ``vms.validate_new``."""
         started = time.monotonic()
         self.check_image(new.image)
-        pooled = self.pool.take(PoolKey(new.image, new.vcpus or 0, new.mem_mib or 0, new.disk_mib or 0))
+        pooled = (
+            None
+            if new.snapshot_id is not None
+            else self.pool.take(PoolKey(new.image, new.vcpus or 0, new.mem_mib or 0, new.disk_mib or 0))
+        )
         try:
             with transaction(self.sessions) as session:
                 row = vms.create_vm(session, self.clock, user_id, new, vm_id=pooled)
@@ -205,7 +224,12 @@ class Lifecycle:
         cid = vm.id
         if not self._move(vm.id, Detail.CREATING, Detail.QUEUED, container_id=cid):
             return
-        self.node.boot(cid, self._image(vm.image), self._resources(vm), hostname_for(vm.id), fresh=True)
+        if vm.snapshot_id is not None:
+            if self.snapshot_boot is None:
+                raise NodeError("this server cannot restore snapshots")
+            self.snapshot_boot(vm)
+        else:
+            self.node.boot(cid, self._image(vm.image), self._resources(vm), hostname_for(vm.id), fresh=True)
         self._come_up(vm.id, created=True, create_ms=self._elapsed_ms(vm.id))
 
     # ---- start / stop / destroy -----------------------------------------------------------------------------
@@ -253,12 +277,14 @@ class Lifecycle:
             detail = Detail(vm.status_detail)
             if detail is Detail.DESTROYED:
                 raise Conflict("VM is already destroyed", code="vm_destroyed")
-            if detail not in (Detail.STOPPED, Detail.FAILED):
+            if detail not in (Detail.STOPPED, Detail.FAILED, Detail.HIBERNATED):
                 raise Conflict("VM must be stopped before it can be destroyed", code="vm_not_stopped")
             self._move(vm_id, Detail.DESTROYING, detail)
             try:
                 if vm.container_id:
                     self.node.destroy(vm.container_id)
+                    if self.on_destroy is not None:
+                        self.on_destroy(vm.container_id, vm_id)
             except Exception as exc:
                 self._move(vm_id, Detail.FAILED, Detail.DESTROYING, reason=_reason(exc))
                 raise VmFailed(f"VM failed to be destroyed: {_reason(exc)}") from None
@@ -289,6 +315,25 @@ class Lifecycle:
             detail = Detail(vm.status_detail)
             cid = vm.container_id
             running = cid is not None and inv.containers.get(cid) == "running"
+            if detail in (Detail.HIBERNATING, Detail.RESUMING, Detail.ROLLING_BACK):
+                # a state operation, interrupted: what runs is adopted; a complete hibernation is kept
+                if running:
+                    adopted += 1
+                    keep.add(cid)  # type: ignore[arg-type]
+                    self._move(vm.id, Detail.READY, detail)
+                    continue
+                self._cleanup(cid, keep_disk=True)
+                if detail is not Detail.ROLLING_BACK and self.hibernated(cid):
+                    self._move(vm.id, Detail.HIBERNATED, detail)
+                    finished += 1
+                else:
+                    self._move(
+                        vm.id, Detail.FAILED, detail, reason="the server stopped during a state operation"
+                    )
+                    failed += 1
+                if cid:
+                    keep.add(cid)
+                continue
             if detail in (Detail.RUNNING, Detail.READY) and running:
                 adopted += 1
                 keep.add(cid)  # type: ignore[arg-type]
@@ -323,6 +368,8 @@ class Lifecycle:
             elif detail is Detail.DESTROYING:
                 if cid:
                     self.node.destroy(cid)
+                    if self.on_destroy is not None:
+                        self.on_destroy(cid, vm.id)
                 self._move(vm.id, Detail.DESTROYED, detail)
                 finished += 1
                 continue
@@ -339,6 +386,10 @@ class Lifecycle:
         self.node.disks.clear_stale()
         self.node.reclaim_links(keep)
         return Reconciled(adopted, failed, finished, len(orphans))
+
+    def hibernated(self, cid: str | None) -> bool:
+        """Whether the node holds a complete hibernation of sandbox ``cid``."""
+        return cid is not None and self.saved.get(hibernate_key(cid)).has_memory
 
     def _cleanup(self, cid: str | None, *, keep_disk: bool) -> None:
         if not cid:

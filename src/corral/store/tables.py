@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -205,3 +206,51 @@ class Vm(Base):
     egress_rules: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON [{"host"|"cidr": ...}]
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Snapshot(Base):
+    """A VM's disk (and, with ``memory``, its processes) saved in the snapshot store. ``status`` moves
+    pending (being captured) -> uploading (being written to the store) -> ready, or failed. Soft-deleted."""
+
+    __tablename__ = "snapshots"
+    __table_args__ = (
+        Index("ix_snapshots_user_created", "user_id", "created_at", "id"),
+        Index("ix_snapshots_vm_created", "source_vm_id", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey(OWNER, ondelete="CASCADE"))
+    source_vm_id: Mapped[str] = mapped_column(ID)
+    source_base_image: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    source_snapshot_id: Mapped[str | None] = mapped_column(ID, nullable=True)
+    label: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    status: Mapped[str] = mapped_column(String(16))
+    storage_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    memory: Mapped[bool] = mapped_column(Boolean)
+    image: Mapped[str] = mapped_column(String(128))  # the image whose layers the saved disk sits on
+    vcpus: Mapped[int] = mapped_column(Integer)
+    mem_mib: Mapped[int] = mapped_column(Integer)
+    disk_mib: Mapped[int] = mapped_column(Integer)
+    failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Checkpoint(Base):
+    """A named, local restore point of a VM (disk and, with ``memory``, processes) kept on its node."""
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (
+        UniqueConstraint("vm_id", "name"),
+        Index("ix_checkpoints_vm_created", "vm_id", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey(OWNER, ondelete="CASCADE"))
+    vm_id: Mapped[str] = mapped_column(ID, ForeignKey("vms.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    memory: Mapped[bool] = mapped_column(Boolean)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from corral.api.deps import PrincipalDep, StateDep
 from corral.api.routers.common import AUTHED, Cursor, Limit, SortOrder, errors
 from corral.api.schemas import ImageOut, ListEnvelope, VmCreateRequest, VmOut
-from corral.domain.errors import InvalidParameter, NotFound
+from corral.domain.errors import InvalidParameter, NotFound, ValidationFailed
 from corral.domain.ids import Prefix, has_prefix
 from corral.domain.pagination import page_request
 from corral.domain.vm_states import Detail, Status, status_of
@@ -64,22 +64,38 @@ def vm_out(row: Vm) -> VmOut:
 )
 def create_vm(body: VmCreateRequest, who: PrincipalDep, st: StateDep) -> VmOut:
     life = lifecycle_of(st)
+    image, vcpus, mem_mib, disk_mib = (
+        body.image or life.default_image,
+        body.vcpus,
+        body.mem_mib,
+        body.disk_mib,
+    )
+    if body.snapshot_id is not None:
+        # the snapshot decides the image and, unless given, the resources; its disk must fit
+        if st.saved_state is None:
+            raise NotFound(f"No snapshot with ID {body.snapshot_id}", code="snapshot_not_found")
+        with (st.reads or st.sessions)() as session:
+            snap = st.saved_state.check_restorable(session, who.user_id, body.snapshot_id)
+        if body.image is not None and body.image != snap.image:
+            raise ValidationFailed(f"image must be the snapshot's ({snap.image}) or left out")
+        if disk_mib is not None and disk_mib < snap.disk_mib:
+            raise ValidationFailed(f"disk_mib must be at least the snapshot's ({snap.disk_mib})")
+        image, vcpus = snap.image, vcpus or snap.vcpus
+        mem_mib, disk_mib = mem_mib or snap.mem_mib, disk_mib or snap.disk_mib
     new = vms.validate_new(
         vms.NewVm(
             name=body.name,
             public_key=body.public_key,
-            image=body.image or life.default_image,
-            vcpus=body.vcpus,
-            mem_mib=body.mem_mib,
-            disk_mib=body.disk_mib,
+            image=image,
+            vcpus=vcpus,
+            mem_mib=mem_mib,
+            disk_mib=disk_mib,
             snapshot_id=body.snapshot_id,
             egress_mode=body.egress.mode if body.egress else None,
             egress_rules=tuple((r.host, r.cidr) for r in body.egress.rules) if body.egress else None,
         ),
         life.limits,
     )
-    if new.snapshot_id is not None:
-        raise NotFound(f"No snapshot with ID {new.snapshot_id}", code="snapshot_not_found")
     return vm_out(life.create(who.user_id, new))
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from corral.node.execution import TIMEOUT_EXIT_CODE, Event, Exit, Output
 
 PROTOCOL = b"corral-exec-1"
+DETACH = b"corral-detach-1\0"
 
 
 class AgentUnavailable(Exception):
@@ -142,3 +143,22 @@ def run_via_agent(
             kill_session(inner_pid)  # the reader went away before the end
         os.close(out_r)
         os.close(err_r)
+
+
+def detach_agent(sock_path: Path, timeout: float = 10.0) -> None:
+    """Ask the sandbox's command server to let go of the host before a checkpoint: commands still attached
+    are ended and its listening socket (bound outside the sandbox, which CRIU cannot dump) closed."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    conn.settimeout(timeout)
+    try:
+        conn.connect(str(sock_path))
+        conn.sendall(DETACH)
+        answer = b""
+        while chunk := conn.recv(16):  # to the end: the server has closed its side (nothing of it is left
+            answer += chunk  # for CRIU to find)
+    except OSError as exc:
+        raise AgentUnavailable(f"the command server did not answer: {exc}") from exc
+    finally:
+        conn.close()
+    if answer != b"ok\n":
+        raise AgentUnavailable(f"the command server refused to detach: {answer!r}")

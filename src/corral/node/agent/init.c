@@ -14,6 +14,12 @@
  * Request (one message, at most 1 MiB): "corral-exec-1\0" uid "\0" gid "\0" cwd "\0" argc "\0" argv... envc "\0"
  * env... (decimal numbers as text, every field NUL-terminated), with exactly two fds attached.
  * Answers: "pid <n>\n" after the fork, then "exit <wait status>\n"; or "error <message>\n".
+ *
+ * 3. Before the sandbox is checkpointed (CRIU cannot dump a socket bound to a path outside the sandbox), the
+ *    host sends "corral-detach-1\0" (no fds): the commands still attached to a host connection are ended, the
+ *    listening socket is closed, and "ok\n" answered. After the dump or restore the host starts
+ *    `init --serve` in the sandbox (through the runtime's exec, with a new listening socket as fd 3): the same
+ *    command server, not pid 1, a subreaper too. A detach sent to it makes it exit once it has answered.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -43,6 +49,8 @@ struct active {
 };
 
 static struct active active[MAX_ACTIVE];
+static int listening;  /* fd 3 is the host's listening socket */
+static int serving;    /* `init --serve`: the command server of a checkpointed sandbox, not its pid 1 */
 
 static void say(int conn, const char *fmt, long value) {
     char line[64];
@@ -134,6 +142,26 @@ static void run_command(int out_fd, int err_fd, long uid, long gid, const char *
     _exit(err == ENOENT ? 127 : 126);
 }
 
+static const char DETACH[] = "corral-detach-1";
+
+/* Let go of every host connection before a checkpoint: attached commands are ended (their connections are
+ * the host's), the listening socket closed. */
+static void detach(int conn) {
+    for (int i = 0; i < MAX_ACTIVE; i++)
+        if (active[i].pid && active[i].conn >= 0) {
+            close(active[i].conn);
+            active[i].conn = -1;
+            kill_session(active[i].pid);
+        }
+    if (listening) {
+        close(LISTEN_FD);
+        listening = 0;
+    }
+    (void)send(conn, "ok\n", 3, MSG_NOSIGNAL);
+    close(conn);
+    if (serving) _exit(0);
+}
+
 static void handle(int conn) {
     static char buf[MAX_REQUEST + 1];
     char control[CMSG_SPACE(2 * sizeof(int))];
@@ -148,6 +176,10 @@ static void handle(int conn) {
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
         if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS && c->cmsg_len == CMSG_LEN(2 * sizeof(int)))
             memcpy(fds, CMSG_DATA(c), sizeof fds);
+    }
+    if (n == (ssize_t)sizeof DETACH && memcmp(buf, DETACH, sizeof DETACH) == 0 && fds[0] < 0) {
+        detach(conn);
+        return;
     }
     if (n <= 0 || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || fds[0] < 0 || fds[1] < 0) {
         say_error(conn, "bad request");
@@ -218,7 +250,8 @@ static void reap(void) {
     }
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    serving = argc > 1 && strcmp(argv[1], "--serve") == 0;
     prctl(PR_SET_CHILD_SUBREAPER, 1);
     sigset_t mask;
     sigemptyset(&mask);
@@ -226,17 +259,20 @@ int main(void) {
     sigprocmask(SIG_BLOCK, &mask, NULL);
     int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
     if (sfd < 0) return 1;
-    int listening = fcntl(LISTEN_FD, F_GETFD) >= 0;
+    listening = fcntl(LISTEN_FD, F_GETFD) >= 0;
+    if (serving && !listening) return 1;
     if (listening) (void)fcntl(LISTEN_FD, F_SETFD, FD_CLOEXEC);
     for (;;) {
         struct pollfd polls[2 + MAX_ACTIVE];
         int nfds = 0;
+        /* where the command connections start (a detach may close the listener during this round) */
+        const int base = listening ? 2 : 1;
         polls[nfds++] = (struct pollfd){sfd, POLLIN, 0};
-        if (listening) polls[nfds++] = (struct pollfd){LISTEN_FD, POLLIN, 0};
+        if (base == 2) polls[nfds++] = (struct pollfd){LISTEN_FD, POLLIN, 0};
         int slots[MAX_ACTIVE];
         for (int i = 0; i < MAX_ACTIVE; i++)
             if (active[i].pid && active[i].conn >= 0) {
-                slots[nfds - (listening ? 2 : 1)] = i;
+                slots[nfds - base] = i;
                 polls[nfds++] = (struct pollfd){active[i].conn, POLLIN | POLLRDHUP, 0};
             }
         if (poll(polls, (nfds_t)nfds, -1) < 0) {
@@ -249,13 +285,13 @@ int main(void) {
             }
             reap();
         }
-        if (listening && polls[1].revents & POLLIN) {
+        if (base == 2 && polls[1].revents & POLLIN) {
             int conn = accept4(LISTEN_FD, NULL, NULL, SOCK_CLOEXEC);
             if (conn >= 0) handle(conn);
         }
-        for (int k = listening ? 2 : 1; k < nfds; k++) {
+        for (int k = base; k < nfds; k++) {
             if (!(polls[k].revents & (POLLIN | POLLRDHUP | POLLHUP | POLLERR))) continue;
-            int i = slots[k - (listening ? 2 : 1)];
+            int i = slots[k - base];
             if (!active[i].pid || active[i].conn != polls[k].fd) continue;
             char byte;
             ssize_t got = recv(active[i].conn, &byte, 1, MSG_DONTWAIT);
