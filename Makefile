@@ -23,8 +23,11 @@ $(STAMP): requirements.lock pyproject.toml scripts/python312
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
+# Debian packages, then CRIU and crun with libcriu built from Debian trixie's sources (sandbox state; ~2 min
+# the first time, cached in /opt/corral)
 system-deps:
 	scripts/system-deps
+	scripts/build-state-tools
 
 run: install system-deps
 	$(VENV)/bin/corral serve --host $(HOST) --port $(PORT)

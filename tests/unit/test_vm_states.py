@@ -22,11 +22,12 @@ from corral.domain.vm_states import (
 
 D = Detail
 
-# The iron.sh reference's "VM Status" table, verbatim.
+# The iron.sh reference's "VM Status" table, verbatim, with the details sandbox state adds (hibernate and
+# resume from isorun: `stopped`/`hibernated`; rollback from the instances platform)
 _REFERENCE = {
-    "pending": ("queued", "creating", "starting"),
+    "pending": ("queued", "creating", "starting", "resuming", "rolling_back"),
     "running": ("running", "ready"),
-    "stopped": ("stopping", "stopped"),
+    "stopped": ("stopping", "stopped", "hibernating", "hibernated"),
     "destroyed": ("destroying", "destroyed"),
     "failed": ("failed",),
 }

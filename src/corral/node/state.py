@@ -122,9 +122,12 @@ class NodeState:
                 if node.gateway is not None:
                     slot = node.gateway.detach(cid)
                 self._ping_range(cid, on=False)
+            # frozen by us, not by CRIU: the disk is taken at the instant of the memory, and a dump that
+            # ends the sandbox (hibernate) returns at once (~150 ms instead of up to 2 s once a sandbox has
+            # been dumped before, CRIU waiting for the tasks it killed)
+            freezer.freeze(node.cgroup_parent, cid)
+            frozen = True
             if disk:
-                freezer.freeze(node.cgroup_parent, cid)
-                frozen = True
                 node.disks.snapshot(node.disks.path(cid), cap.disk, readonly=True)
             if memory:
                 node.runtime.checkpoint(

@@ -250,14 +250,16 @@ class StateService:
         with self.life._vm_lock(vm_id):
             src = self._owned_vm(user_id, vm_id)
             cid = self._running(src)
-            children = self._child_records(src, count)
             key = f"fork-{new_id(Prefix.VM)}"
             try:
                 cap = self.node.capture(cid, key, memory=True, disk=True, leave_running=True)
             except Exception as exc:
-                for child in children:
-                    self.life._move(child.id, Detail.FAILED, Detail.CREATING, reason=_reason(exc))
                 raise StateFailed(f"VM could not be forked: {_reason(exc)}") from None
+        try:
+            children = self._child_records(src, count)
+        except BaseException:
+            self.node.drop(key)
+            raise
         try:
             image = self.life._image(src.image)
             res = self._resources(src)
