@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -93,6 +94,9 @@ def test_without_corral_init_commands_go_through_the_runtime(tmp_path: Path) -> 
             assert slow["timed_out"] is True
             assert run(c, vm["id"], "ps -eo comm= | grep -c '^sleep' || true")["stdout"] == "0\n"
             assert run(c, vm["id"], "id -u", user="nobody")["stdout"] == "65534\n"
+            # the runtime chowns the stdio it is given: never the host's /dev/null
+            host = os.stat("/dev/null")
+            assert (host.st_uid, host.st_gid, host.st_mode & 0o777) == (0, 0, 0o666)
         finally:
             destroy(c, vm["id"])
             c.close()

@@ -844,3 +844,17 @@ def test_the_exec_socket_cannot_be_reached_from_inside(owner: Account) -> None:
     assert lines[0] == "['0', '1', '2', '3']", out  # 3 is python's own listdir handle: nothing inherited
     assert all(line.startswith("refused") for line in lines[1:]), out
     assert len(lines) == 3, out
+
+
+def test_the_hosts_dev_null_stays_the_hosts(owner: Account) -> None:
+    """The runtimes chown the stdio they are given to the sandbox's root: given the host's /dev/null (the
+    same inode as the sandbox's own /dev/null), root inside could chmod it away from every program on the
+    host. After a boot, commands run through corral-init and through the runtime's exec, the host's
+    /dev/null is still root's, and a chmod from inside is refused."""
+    c = owner.client
+    with sandbox(c) as vm:
+        run(c, vm["id"], "true")
+        assert run(c, vm["id"], "chmod 600 /dev/null; chown 0 /dev/null")["exit_code"] != 0
+        host = os.stat("/dev/null")
+        assert (host.st_uid, host.st_gid, host.st_mode & 0o777) == (0, 0, 0o666)
+        assert run(c, vm["id"], "echo x > /dev/null && cat /dev/null")["exit_code"] == 0

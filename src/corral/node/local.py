@@ -32,7 +32,7 @@ from corral.runtime.argv import RuntimeCli
 from corral.runtime.disk import DiskPool
 from corral.runtime.driver import OciRuntime
 from corral.runtime.images import Image, ImageStore
-from corral.runtime.proc import run
+from corral.runtime.proc import private_null, run
 from corral.runtime.seccomp import default_profile
 from corral.runtime.spec import DEFAULT_PATH, IdRange, Limits, Runtime, SandboxSpec, build_config
 
@@ -90,8 +90,10 @@ class LocalNode:
     disks: DiskPool = field(init=False)
     node_id: str = field(init=False, default="")
     gateway: Gateway | None = field(init=False, default=None)
-    _helpers: ThreadPoolExecutor = field(
-        init=False, default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="node-boot")
+    # short host steps run beside others (a boot's network beside the runtime's create, a restore's command
+    # server beside its network)
+    helpers: ThreadPoolExecutor = field(
+        init=False, default_factory=lambda: ThreadPoolExecutor(8, thread_name_prefix="node-helper")
     )
 
     def __post_init__(self) -> None:
@@ -100,7 +102,7 @@ class LocalNode:
             self.gateway = Gateway(c.network)
         self.images = ImageStore(c.images_dir, c.id_base)
         binary = c.runtime_binary or shutil.which(c.runtime.value) or f"/usr/bin/{c.runtime.value}"
-        self.runtime = OciRuntime(RuntimeCli(binary, str(c.root / "state")))
+        self.runtime = OciRuntime(RuntimeCli(binary, str(c.root / "state")), null=c.root / "null")
         self.disks = DiskPool(c.root / "disk.img", c.root / "disk", c.disk_pool_bytes)
 
     # ---- set-up ---------------------------------------------------------------------------------------------
@@ -113,6 +115,12 @@ class LocalNode:
         if not id_file.exists():
             id_file.write_text(secrets.token_hex(4))
         self.node_id = id_file.read_text().strip()
+        try:
+            private_null(c.root)
+        except OSError as exc:
+            raise NodeError(
+                f"the node's directory {c.root} cannot hold a device node (nodev?): {exc}"
+            ) from exc
         if c.runtime is Runtime.CRUN:
             cgroups.ensure_hugetlb_v1()
         (c.root / "state").mkdir(mode=0o700, exist_ok=True)
@@ -238,7 +246,7 @@ class LocalNode:
 
     def _beside(self, fn: Callable[..., object], *args: object) -> Future[object]:
         """Run ``fn`` in a helper thread while the caller goes on (``.result()`` joins and re-raises)."""
-        return self._helpers.submit(fn, *args)
+        return self.helpers.submit(fn, *args)
 
     def _seed_network(self, cid: str, target: Path) -> None:
         """The network's files in the sandbox's root: the gateway as resolver, the egress CA in the system

@@ -13,10 +13,19 @@ from typing import Any
 from corral.runtime.argv import RuntimeCli
 from corral.runtime.proc import CommandFailed, run, run_detached
 
+COLLECT_TIMEOUT_S = 2
+
+
+def unseizable(exc: CommandFailed) -> bool:
+    """A dump that failed because a process could not be stopped at that instant (a parent waiting in vfork
+    for a child the freeze caught before its exec): worth trying again."""
+    return "Unseizable" in exc.stderr or "Timeout reached" in exc.stderr
+
 
 @dataclass(frozen=True)
 class OciRuntime:
     cli: RuntimeCli
+    null: Path  # the stdio of runtime commands that start processes in a sandbox (``proc.private_null``)
 
     @property
     def name(self) -> str:
@@ -30,19 +39,33 @@ class OciRuntime:
         argv = self.cli.create(
             cid, str(bundle), str(pid_file), str(log), preserve_fds=1 if fd3 is not None else 0
         )
-        run_detached(argv, log, timeout=60, fd3=fd3)
+        run_detached(argv, log, null=self.null, timeout=60, fd3=fd3)
         return int(pid_file.read_text().strip())
 
-    def checkpoint(self, cid: str, image_dir: Path, work_dir: Path, *, leave_running: bool) -> None:
+    def checkpoint(
+        self, cid: str, image_dir: Path, work_dir: Path, *, leave_running: bool, post_dump: Path | None = None
+    ) -> None:
         """CRIU-dump the container into ``image_dir`` (mode 755: the restored init, root of the sandbox's
-        user namespace, must read it); CRIU's own log is ``work_dir/dump.log``."""
+        user namespace, must read it); CRIU's own log is ``work_dir/dump.log``. ``post_dump``: a script CRIU
+        runs once the memory is dumped, while every process is still stopped (given to CRIU through a
+        configuration file in ``work_dir``, which both runtimes let CRIU read from its environment)."""
         for d in (image_dir, work_dir):
             d.mkdir(mode=0o755, parents=True, exist_ok=True)
             d.chmod(0o755)
+        # CRIU's own settings, through a configuration file it reads from its environment (both runtimes pass
+        # it on): a short timeout to collect the processes (a process caught in vfork cannot be seized: the
+        # caller tries again at once rather than after CRIU's default 10 s)
+        config = work_dir / "criu.conf"
+        config.write_text(
+            f"timeout {COLLECT_TIMEOUT_S}\n"
+            + (f"action-script {post_dump}\n" if post_dump is not None else "")
+        )
+        env = {"CRIU_CONFIG_FILE": str(config)}
         try:
             run(
                 self.cli.checkpoint(cid, str(image_dir), str(work_dir), leave_running=leave_running),
                 timeout=300,
+                env=env,
             )
         except CommandFailed as exc:
             raise CommandFailed(exc.argv, exc.returncode, exc.stderr + _tail(work_dir / "dump.log")) from None
@@ -56,7 +79,7 @@ class OciRuntime:
         argv = self.cli.restore(cid, str(bundle), str(image_dir), str(work_dir), str(pid_file))
         argv = [argv[0], "--log", str(log), *argv[1:]]
         try:
-            run_detached(argv, log, timeout=300)
+            run_detached(argv, log, null=self.null, timeout=300)
         except CommandFailed as exc:
             raise CommandFailed(
                 exc.argv, exc.returncode, exc.stderr + _tail(work_dir / "restore.log")
@@ -66,7 +89,7 @@ class OciRuntime:
     def exec_detached(self, cid: str, args: Sequence[str], log: Path, *, fd3: int | None = None) -> None:
         """Start a process left running in the container (``fd3``: handed to it as its fd 3)."""
         argv = self.cli.exec_detached(cid, args, preserve_fds=1 if fd3 is not None else 0)
-        run_detached([argv[0], "--log", str(log), *argv[1:]], log, timeout=60, fd3=fd3)
+        run_detached([argv[0], "--log", str(log), *argv[1:]], log, null=self.null, timeout=60, fd3=fd3)
 
     def start(self, cid: str) -> None:
         run(self.cli.start(cid), timeout=30)
@@ -105,7 +128,7 @@ class OciRuntime:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | None = None,
-        stdin: int | None = subprocess.DEVNULL,
+        stdin: int | None = None,
         pid_file: Path | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start a process in the running container; its stdout/stderr are pipes the caller reads. The
@@ -113,9 +136,14 @@ class OciRuntime:
         argv = self.cli.exec(
             cid, args, env=env, cwd=cwd, user=user, pid_file=str(pid_file) if pid_file else None
         )
-        return subprocess.Popen(
-            argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-        )
+        with open(self.null, "rb") as null:  # never the host's /dev/null: the runtime chowns its stdio
+            return subprocess.Popen(
+                argv,
+                stdin=null if stdin is None else stdin,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
 
 
 def _tail(log: Path, lines: int = 10) -> str:

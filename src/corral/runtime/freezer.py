@@ -19,6 +19,13 @@ def _v1_state(parent: str, name: str, root: Path) -> Path:
     return root / "freezer" / parent / name / "freezer.state"
 
 
+def freeze_request(parent: str, name: str, *, root: Path = CGROUP_ROOT) -> tuple[Path, str]:
+    """The file to write, and what, to freeze the sandbox (for a script that cannot wait for it)."""
+    if is_pure_v2(root):
+        return root / parent / name / "cgroup.freeze", "1"
+    return _v1_state(parent, name, root), "FROZEN"
+
+
 def freeze(parent: str, name: str, *, root: Path = CGROUP_ROOT, timeout: float = 10.0) -> None:
     """Freeze every process of the sandbox; returns once they are all frozen."""
     if is_pure_v2(root):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
@@ -21,23 +22,48 @@ class CommandFailed(RuntimeError):
         self.stderr = stderr
 
 
-def run_detached(argv: Sequence[str], log: Path, *, timeout: float = 60.0, fd3: int | None = None) -> None:
-    """Run a command that leaves a process behind (``crun create``) with all its stdio on /dev/null: the
-    process left behind inherits it (a pipe we waited on would never close; a host file would be writable
-    from inside the sandbox). The command must write its own messages to ``log`` (``--log``), read back when
-    it fails. ``fd3``: a descriptor handed to the command as its fd 3 (nothing else is inherited)."""
+def private_null(directory: Path) -> Path:
+    """A null device node of our own in ``directory`` (made, or made again if it is not one).
+
+    The runtimes hand a sandbox's processes their stdio and, when it is not a terminal, chown it to the
+    sandbox's root (crun does on create, restore and exec). Given the host's /dev/null, that made the host's
+    /dev/null belong to the sandboxes' root id, and root inside a sandbox (whose /dev/null is the same inode)
+    could then chmod it: every program on the host would have lost /dev/null. Runtime commands get this node
+    instead; what a sandbox does to it touches only other runtime commands' stdio, which root opens anyway.
+    The directory must allow device nodes (not on a ``nodev`` mount)."""
+    path = directory / "null"
+    try:
+        st = os.lstat(path)
+        fine = stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    except FileNotFoundError:
+        fine = False
+    if not fine:
+        staging = directory / ".null.new"
+        staging.unlink(missing_ok=True)
+        os.mknod(staging, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        os.chmod(staging, 0o666)  # noqa: S103 (a null device: anyone may read and write it)
+        staging.rename(path)
+    with open(path, "r+b"):  # fails on a nodev mount
+        pass
+    return path
+
+
+def run_detached(
+    argv: Sequence[str], log: Path, *, null: Path, timeout: float = 60.0, fd3: int | None = None
+) -> None:
+    """Run a command that leaves a process behind (``crun create``) with all its stdio on ``null`` (a
+    ``private_null``): the process left behind inherits it (a pipe we waited on would never close; a host
+    file would be writable from inside the sandbox). The command must write its own messages to ``log``
+    (``--log``), read back when it fails. ``fd3``: a descriptor handed to the command as its fd 3 (nothing
+    else is inherited)."""
     if fd3 is not None:
-        _spawn_with_fd3(argv, fd3, log, timeout)
+        _spawn_with_fd3(argv, fd3, log, timeout, null)
         return
     try:
-        done = subprocess.run(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=timeout,
-            check=False,
-        )
+        with open(null, "r+b") as stdio:
+            done = subprocess.run(
+                list(argv), stdin=stdio, stdout=stdio, stderr=stdio, timeout=timeout, check=False
+            )
     except FileNotFoundError as exc:
         raise CommandFailed(argv, 127, f"{argv[0]} is not installed") from exc
     except subprocess.TimeoutExpired as exc:
@@ -55,11 +81,11 @@ def _failed(argv: Sequence[str], code: int, log: Path) -> CommandFailed:
     return CommandFailed(argv, code, message or "no message")
 
 
-def _spawn_with_fd3(argv: Sequence[str], fd: int, log: Path, timeout: float) -> None:
+def _spawn_with_fd3(argv: Sequence[str], fd: int, log: Path, timeout: float, null: Path) -> None:
     actions = [
-        (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 2, "/dev/null", os.O_WRONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 0, str(null), os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, str(null), os.O_WRONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 2, str(null), os.O_WRONLY, 0),
         (os.POSIX_SPAWN_DUP2, fd, 3),  # the duplicate is inheritable; Python's own descriptors are not
     ]
     try:
@@ -81,12 +107,20 @@ def _spawn_with_fd3(argv: Sequence[str], fd: int, log: Path, timeout: float) -> 
         raise _failed(argv, code, log)
 
 
-def run(argv: Sequence[str], *, timeout: float = 60.0, input_text: str | None = None) -> str:
-    """Run ``argv`` (never through a shell), return its stdout; raise CommandFailed when it fails."""
+def run(
+    argv: Sequence[str],
+    *,
+    timeout: float = 60.0,
+    input_text: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """Run ``argv`` (never through a shell), return its stdout; raise CommandFailed when it fails. ``env``:
+    variables added to this process's environment for the command."""
     try:
         done = subprocess.run(
             list(argv),
             input=input_text,
+            env=None if env is None else {**os.environ, **env},
             capture_output=True,
             text=True,
             timeout=timeout,

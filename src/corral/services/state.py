@@ -19,7 +19,7 @@ from corral.domain.pagination import ListSpec, Page, PageRequest
 from corral.domain.vm_states import Detail
 from corral.node.local import NodeError, Resources
 from corral.node.snapstore import SnapshotDamaged, SnapshotStore
-from corral.node.state import StateError, hibernate_key
+from corral.node.state import Capture, StateError, hibernate_key
 from corral.runtime import rootfs
 from corral.services import vms
 from corral.services.lifecycle import Lifecycle, hostname_for
@@ -198,8 +198,8 @@ class StateService:
             node.boot(cid, image, res, hostname_for(cid), fresh=False)
             return
         try:
-            self.node.restore(cid, memory, image, res, hostname_for(cid))
-            self.node.rename(cid, hostname_for(cid))
+            pid = self.node.restore(cid, memory, image, res, hostname_for(cid))
+            self.node.rename(cid, pid, hostname_for(cid))
         except BaseException:
             node.stop(cid)
             node.disks.delete(cid)
@@ -247,42 +247,50 @@ class StateService:
         """``count`` new running VMs with the source's disk and memory at one instant; the source runs on."""
         if not 1 <= count <= MAX_FORK:
             raise ValidationFailed(f"count must be between 1 and {MAX_FORK}")
+        # the source's lock is held until its children run: its network and command server come back while
+        # they are restored
         with self.life._vm_lock(vm_id):
             src = self._owned_vm(user_id, vm_id)
             cid = self._running(src)
             key = f"fork-{new_id(Prefix.VM)}"
             try:
-                cap = self.node.capture(cid, key, memory=True, disk=True, leave_running=True)
+                cap = self.node.capture(cid, key, memory=True, disk=True, leave_running=True, revive=False)
             except Exception as exc:
                 raise StateFailed(f"VM could not be forked: {_reason(exc)}") from None
-        try:
-            children = self._child_records(src, count)
-        except BaseException:
-            self.node.drop(key)
-            raise
-        try:
-            image = self.life._image(src.image)
-            res = self._resources(src)
-
-            def one(child: Vm) -> None:
+            try:
+                reviving = self.life.node.helpers.submit(self.node.revive, cap)
                 try:
-                    self.node.restore(
-                        child.id, cap.memory, image, res, hostname_for(child.id), disk_from=cap.disk
-                    )
-                    self.node.rename(child.id, hostname_for(child.id))
-                    self.life._come_up(child.id, created=True)
-                except Exception as exc:
-                    log.exception("fork child %s failed", child.id)
-                    self.life._move(
-                        child.id, Detail.FAILED, Detail.CREATING, Detail.STARTING, reason=_reason(exc)
-                    )
-
-            with ThreadPoolExecutor(max_workers=min(count, 4), thread_name_prefix="corral-fork") as pool:
-                list(pool.map(one, children))
-        finally:
-            self.node.drop(key)
+                    children = self._child_records(src, count)
+                    self._restore_children(src, cap, children)
+                finally:
+                    reviving.result()
+            finally:
+                self.node.drop(key)
         with self.life.reads() as session:
             return [row for c in children if (row := session.get(Vm, c.id)) is not None]
+
+    def _restore_children(self, src: Vm, cap: Capture, children: list[Vm]) -> None:
+        image = self.life._image(src.image)
+        res = self._resources(src)
+
+        def one(child: Vm) -> None:
+            try:
+                pid = self.node.restore(
+                    child.id, cap.memory, image, res, hostname_for(child.id), disk_from=cap.disk
+                )
+                self.node.rename(child.id, pid, hostname_for(child.id))
+                self.life._come_up(child.id, created=True)
+            except Exception as exc:
+                log.exception("fork child %s failed", child.id)
+                self.life._move(
+                    child.id, Detail.FAILED, Detail.CREATING, Detail.STARTING, reason=_reason(exc)
+                )
+
+        if len(children) == 1:
+            one(children[0])
+            return
+        with ThreadPoolExecutor(max_workers=min(len(children), 4), thread_name_prefix="corral-fork") as pool:
+            list(pool.map(one, children))
 
     def _child_records(self, src: Vm, count: int) -> list[Vm]:
         now = self.life.clock.now()
