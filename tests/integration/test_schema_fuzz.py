@@ -17,7 +17,7 @@ The run is reproducible: fixed seed, derandomized Hypothesis, no example databas
 the interleaving of operations changes what the server holds, hence which statuses come back). Two runs
 send the same requests and see the same answers. ``max-examples`` bounds the fuzzing phase. No ``max-time``
 is set on purpose: with one, the v4 engine keeps re-running the fuzzing phase until the time is spent,
-which is neither bounded by the examples nor reproducible. The whole file takes about 30 s on 2 cores.
+which is neither bounded by the examples nor reproducible. The whole file takes about 30-40 s on 2 cores.
 
 (The pytest integration, ``schemathesis.pytest.from_fixture``, cannot load a schema from a fixture under
 pytest 9 with schemathesis 4.32: it sets ``request.node._nodeid``, which pytest 9 no longer has. Driving the
@@ -49,6 +49,8 @@ from tests.vmtools import public_key
 
 SEED = 20260228
 MAX_EXAMPLES = 100  # per operation, fuzzing phase; the coverage and stateful phases are bounded on their own
+STATE_PATHS = r"/(hibernate|resume|fork|snapshots|checkpoints|rollback)"
+STATE_EXAMPLES = 10
 
 CHECKS = (
     "not_a_server_error",
@@ -142,6 +144,9 @@ def fuzz_config(server: Server, token: str, *, max_examples: int = MAX_EXAMPLES)
             "stateful": {"enabled": True, "max-steps": 10},
         },
         "checks": {"enabled": False, **{name: {"enabled": True} for name in CHECKS}},
+        # operations that capture or restore a sandbox take 0.1-1 s each (a fork of 16 children, more):
+        # fewer fuzzing examples for them; the coverage and stateful phases still reach every one
+        "operations": [{"include-path-regex": STATE_PATHS, "generation": {"max-examples": STATE_EXAMPLES}}],
         "dictionaries": {name: {"values": values} for name, values in DICTIONARIES.items()},
         "parameters": {key: {"dictionary": name, "probability": 0.5} for key, name in BINDINGS.items()},
     }
