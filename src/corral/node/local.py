@@ -160,18 +160,12 @@ class LocalNode:
             if fresh:
                 volume = self.disks.create(cid, res.disk_mib)
                 made_volume = True
-            else:
-                volume = self.disks.path(cid)
-                if not volume.is_dir():
-                    raise NodeError("the sandbox's disk is missing")
-            bundle = self.bundles / cid
-            bundle.mkdir(mode=0o711, exist_ok=True)
-            target = bundle / "rootfs"
-            init_binary, agent = self.init()
-            if fresh:
                 (volume / "upper").mkdir(mode=0o755, exist_ok=True)
                 rootfs.seed_identity(volume, hostname, self.root_uid())
-            rootfs.mount_overlay(image.lowers_top_first, volume, target, root_uid=self.root_uid())
+            else:
+                volume = self.volume(cid)
+            bundle, init_binary, agent = self.mount_root(cid, image, volume)
+            target = bundle / "rootfs"
             # the network's files are written while the runtime creates the container, the link is made
             # while it starts it: neither depends on the other (together ~10 ms off a cold boot)
             seeding = self._beside(self._seed_network, cid, target) if self.gateway is not None else None
@@ -202,6 +196,22 @@ class LocalNode:
             if isinstance(exc, NodeError | NetworkError):
                 raise NodeError(str(exc)) from exc
             raise NodeError(f"the sandbox failed to boot: {exc}") from exc
+
+    def volume(self, cid: str) -> Path:
+        """The existing disk of sandbox ``cid``."""
+        volume = self.disks.path(cid)
+        if not volume.is_dir():
+            raise NodeError("the sandbox's disk is missing")
+        return volume
+
+    def mount_root(self, cid: str, image: Image, volume: Path) -> tuple[Path, str, bool]:
+        """The sandbox's bundle directory, with its root (the image's layers under ``volume``) mounted at
+        ``rootfs``; returns the bundle and ``init()``'s answer."""
+        bundle = self.bundles / cid
+        bundle.mkdir(mode=0o711, exist_ok=True)
+        init_binary, agent = self.init()
+        rootfs.mount_overlay(image.lowers_top_first, volume, bundle / "rootfs", root_uid=self.root_uid())
+        return bundle, init_binary, agent
 
     def write_config(
         self, cid: str, image: Image, res: Resources, hostname: str, init_binary: str, agent: bool

@@ -32,7 +32,7 @@ from corral.net.gateway import NetworkError
 from corral.node.agent.client import AgentUnavailable, detach_agent
 from corral.node.files import FileError, SandboxFiles
 from corral.node.local import AGENT_SOCKET, INIT_PATH, LocalNode, NodeError, Resources, listening
-from corral.runtime import freezer, rootfs
+from corral.runtime import freezer
 from corral.runtime.driver import unseizable
 from corral.runtime.images import Image
 from corral.runtime.proc import CommandFailed
@@ -339,14 +339,8 @@ class NodeState:
                     volume = node.disks.clone(disk_from, cid, res.disk_mib)
                 made_volume = True
             else:
-                volume = node.disks.path(cid)
-                if not volume.is_dir():
-                    raise StateError("the sandbox's disk is missing")
-            bundle = node.bundles / cid
-            bundle.mkdir(mode=0o711, exist_ok=True)
-            target = bundle / "rootfs"
-            init_binary, agent = node.init()
-            rootfs.mount_overlay(image.lowers_top_first, volume, target, root_uid=node.root_uid())
+                volume = node.volume(cid)
+            bundle, init_binary, agent = node.mount_root(cid, image, volume)
             node.write_config(cid, image, res, hostname, init_binary, agent)
             with steps("restore"):
                 pid = node.runtime.restore(cid, bundle, memory, bundle / "criu")

@@ -102,18 +102,7 @@ class DiskPool:
         return path
 
     def delete_subvolume(self, path: Path) -> None:
-        """Delete a subvolume anywhere on the pool (a captured disk); missing is fine."""
-        if not path.exists():
-            return
-        qgroup = self._qgroup_id(path)
-        run(["btrfs", "subvolume", "delete", str(path)])
-        if qgroup:
-            with contextlib.suppress(CommandFailed):
-                run(["btrfs", "qgroup", "destroy", qgroup, str(self.mountpoint)])
-
-    def delete(self, name: str) -> None:
-        """Delete the subvolume and its qgroup. Missing is fine."""
-        path = self.path(name)
+        """Delete a subvolume anywhere on the pool (a volume, a captured disk) and its qgroup; missing is fine."""
         if not path.exists():
             return
         qgroup = self._qgroup_id(path)
@@ -122,6 +111,10 @@ class DiskPool:
             # still referenced until the cleaner runs; clear-stale at the next start catches it then
             with contextlib.suppress(CommandFailed):
                 run(["btrfs", "qgroup", "destroy", qgroup, str(self.mountpoint)])
+
+    def delete(self, name: str) -> None:
+        """Delete the volume and its qgroup. Missing is fine."""
+        self.delete_subvolume(self.path(name))
 
     def names(self) -> set[str]:
         if not self.vols.is_dir():
