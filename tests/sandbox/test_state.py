@@ -620,6 +620,17 @@ def test_snapshot_requests_are_checked(state_node: Server, acct: Account) -> Non
         assert c.post("/v1/vms/vm_nosuchvm0000/snapshots").json()["error"]["code"] == "vm_not_found"
         assert c.get("/v1/snapshots/snap_nosuchsnap0").json()["error"]["code"] == "snapshot_not_found"
         assert c.get("/v1/snapshots", params={"limit": 0}).status_code == 400
+        # deleted while it is being taken: gone at once from the API, its data once the capture ends
+        snap_id = c.post(f"/v1/vms/{vm['id']}/snapshots").json()["data"]["id"]
+        assert c.delete(f"/v1/snapshots/{snap_id}").status_code == 204
+        assert c.get(f"/v1/snapshots/{snap_id}").status_code == 404
+        stored = state_node.data_dir / "snapshots" / snap_id
+        end = time.monotonic() + 20
+        while not captures(state_node) and time.monotonic() < end:  # the capture starts...
+            time.sleep(0.002)
+        while captures(state_node) and time.monotonic() < end:  # ... and ends, with the upload
+            time.sleep(0.05)
+        assert (captures(state_node), stored.exists()) == (set(), False)
         assert c.post(f"/v1/vms/{vm['id']}/stop").status_code == 200
         r = c.post(f"/v1/vms/{vm['id']}/snapshots")
         assert (r.status_code, r.json()["error"]["code"]) == (409, "vm_not_running")

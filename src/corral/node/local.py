@@ -5,6 +5,7 @@ undoes what it made."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,9 +31,9 @@ from corral.node.files import FileError, SandboxFiles
 from corral.runtime import cgroups, rootfs
 from corral.runtime.argv import RuntimeCli
 from corral.runtime.disk import DiskPool
-from corral.runtime.driver import OciRuntime
+from corral.runtime.driver import OciRuntime, criu_tools
 from corral.runtime.images import Image, ImageStore
-from corral.runtime.proc import private_null, run
+from corral.runtime.proc import CommandFailed, private_null, run
 from corral.runtime.seccomp import default_profile
 from corral.runtime.spec import DEFAULT_PATH, IdRange, Limits, Runtime, SandboxSpec, build_config
 
@@ -123,6 +124,8 @@ class LocalNode:
             ) from exc
         if c.runtime is Runtime.CRUN:
             cgroups.ensure_hugetlb_v1()
+            with contextlib.suppress(CommandFailed):  # without CRIU there is no sandbox state, the rest works
+                self.runtime = dataclasses.replace(self.runtime, criu_env=criu_tools(c.root / "criu-bin"))
         (c.root / "state").mkdir(mode=0o700, exist_ok=True)
         self.bundles.mkdir(mode=0o711, exist_ok=True)
         self.disks.ensure()

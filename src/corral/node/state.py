@@ -254,7 +254,10 @@ class NodeState:
         so nothing it does after the dump reaches its disk before it is ended."""
         lines = []
         if disk:
-            lines.append(f"btrfs subvolume snapshot -r '{self.node.disks.path(cid)}' '{cap.disk}' >/dev/null")
+            btrfs = shutil.which("btrfs") or "btrfs"  # CRIU runs the script with its own short PATH
+            lines.append(
+                f"{btrfs} subvolume snapshot -r '{self.node.disks.path(cid)}' '{cap.disk}' >/dev/null"
+            )
         if freeze:
             state, value = freezer.freeze_request(self.node.cgroup_parent, cid)
             lines.append(f"echo {value} > '{state}'")

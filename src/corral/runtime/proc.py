@@ -49,20 +49,33 @@ def private_null(directory: Path) -> Path:
 
 
 def run_detached(
-    argv: Sequence[str], log: Path, *, null: Path, timeout: float = 60.0, fd3: int | None = None
+    argv: Sequence[str],
+    log: Path,
+    *,
+    null: Path,
+    timeout: float = 60.0,
+    fd3: int | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> None:
     """Run a command that leaves a process behind (``crun create``) with all its stdio on ``null`` (a
     ``private_null``): the process left behind inherits it (a pipe we waited on would never close; a host
     file would be writable from inside the sandbox). The command must write its own messages to ``log``
     (``--log``), read back when it fails. ``fd3``: a descriptor handed to the command as its fd 3 (nothing
-    else is inherited)."""
+    else is inherited). ``env``: variables added to this process's environment for the command."""
+    full_env = {**os.environ, **(env or {})}
     if fd3 is not None:
-        _spawn_with_fd3(argv, fd3, log, timeout, null)
+        _spawn_with_fd3(argv, fd3, log, timeout, null, full_env)
         return
     try:
         with open(null, "r+b") as stdio:
             done = subprocess.run(
-                list(argv), stdin=stdio, stdout=stdio, stderr=stdio, timeout=timeout, check=False
+                list(argv),
+                stdin=stdio,
+                stdout=stdio,
+                stderr=stdio,
+                timeout=timeout,
+                check=False,
+                env=full_env,
             )
     except FileNotFoundError as exc:
         raise CommandFailed(argv, 127, f"{argv[0]} is not installed") from exc
@@ -81,7 +94,9 @@ def _failed(argv: Sequence[str], code: int, log: Path) -> CommandFailed:
     return CommandFailed(argv, code, message or "no message")
 
 
-def _spawn_with_fd3(argv: Sequence[str], fd: int, log: Path, timeout: float, null: Path) -> None:
+def _spawn_with_fd3(
+    argv: Sequence[str], fd: int, log: Path, timeout: float, null: Path, env: Mapping[str, str]
+) -> None:
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, str(null), os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, str(null), os.O_WRONLY, 0),
@@ -89,7 +104,7 @@ def _spawn_with_fd3(argv: Sequence[str], fd: int, log: Path, timeout: float, nul
         (os.POSIX_SPAWN_DUP2, fd, 3),  # the duplicate is inheritable; Python's own descriptors are not
     ]
     try:
-        pid = os.posix_spawnp(argv[0], list(argv), dict(os.environ), file_actions=actions)
+        pid = os.posix_spawnp(argv[0], list(argv), dict(env), file_actions=actions)
     except FileNotFoundError as exc:
         raise CommandFailed(argv, 127, f"{argv[0]} is not installed") from exc
     deadline = time.monotonic() + timeout

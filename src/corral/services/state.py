@@ -129,6 +129,10 @@ class StateService:
             self._set_snapshot(
                 snap_id, status="ready", size_bytes=size, storage_key=self.store.storage_key(snap_id)
             )
+            with self.life.reads() as session:
+                deleted = session.scalar(select(Snapshot.deleted_at).where(Snapshot.id == snap_id))
+            if deleted is not None:  # deleted while it was being taken: its data goes now
+                self.store.delete(snap_id)
         except Exception as exc:
             log.exception("snapshot %s failed", snap_id)
             self.store.delete(snap_id)
