@@ -82,3 +82,46 @@ def test_vm_commands_end_to_end(node: Server, owner: Account, tmp_path: Path) ->
     missing = cli(node, owner, "get", name)
     assert missing.returncode == 1
     assert f"No VM named {name}" in missing.stderr
+
+
+def test_state_commands_end_to_end(node: Server, owner: Account, tmp_path: Path) -> None:
+    """hibernate, resume, checkpoint, rollback, fork, snapshot and create --snapshot from the CLI."""
+    public_key()
+    name = unique_name("cli")
+    made: list[str] = []
+    try:
+        vm = json.loads(
+            cli(node, owner, "create", name, "--public-key", str(_KEY_DIR / "id_ed25519.pub")).stdout
+        )
+        made.append(vm["id"])
+        assert cli(node, owner, "exec", name, "--", "sh", "-c", "echo one > /root/f").returncode == 0
+
+        slept = cli(node, owner, "hibernate", name)
+        assert json.loads(slept.stdout)["status_detail"] == "hibernated", slept.stderr
+        woke = cli(node, owner, "resume", name)
+        assert json.loads(woke.stdout)["status_detail"] == "ready", woke.stderr
+
+        taken = cli(node, owner, "checkpoint", name, "before")
+        assert json.loads(taken.stdout)["name"] == "before", taken.stderr
+        assert cli(node, owner, "exec", name, "--", "sh", "-c", "echo two > /root/f").returncode == 0
+        back = cli(node, owner, "rollback", name, "before")
+        assert back.returncode == 0, back.stderr
+        assert cli(node, owner, "exec", name, "--", "cat", "/root/f").stdout == "one\n"
+        assert "No checkpoint named nope" in cli(node, owner, "rollback", name, "nope").stderr
+
+        kids = json.loads(cli(node, owner, "fork", name, "--count", "2").stdout)
+        made += [k["id"] for k in kids]
+        assert [k["status_detail"] for k in kids] == ["ready", "ready"]
+        assert cli(node, owner, "exec", kids[0]["id"], "--", "cat", "/root/f").stdout == "one\n"
+
+        snap = json.loads(cli(node, owner, "snapshot", name, "--label", "cli").stdout)
+        assert (snap["status"], snap["label"]) == ("ready", "cli")
+        twin = cli(node, owner, "create", unique_name("cli"), "--snapshot", snap["id"],
+                   "--public-key", str(_KEY_DIR / "id_ed25519.pub"))  # fmt: skip
+        assert twin.returncode == 0, twin.stderr
+        made.append(json.loads(twin.stdout)["id"])
+        assert cli(node, owner, "exec", made[-1], "--", "cat", "/root/f").stdout == "one\n"
+        owner.client.delete(f"/v1/snapshots/{snap['id']}")
+    finally:
+        for vm_id in made:
+            cli(node, owner, "destroy", vm_id, "--force")

@@ -65,6 +65,7 @@ def create(
     vcpus: Annotated[int | None, typer.Option()] = None,
     mem_mib: Annotated[int | None, typer.Option()] = None,
     disk_mib: Annotated[int | None, typer.Option()] = None,
+    snapshot: Annotated[str | None, typer.Option(help="Boot from this snapshot (snap_...)")] = None,
     wait: Annotated[bool, typer.Option(help="Wait until the VM is ready")] = True,
 ) -> None:
     """Create a VM (and wait until it is ready)."""
@@ -74,7 +75,14 @@ def create(
         err.print(f"[red]Cannot read {public_key}; pass --public-key FILE[/red]")
         raise typer.Exit(1) from None
     body: dict[str, Any] = {"name": name, "public_key": key}
-    for field, value in (("image", image), ("vcpus", vcpus), ("mem_mib", mem_mib), ("disk_mib", disk_mib)):
+    fields = (
+        ("image", image),
+        ("vcpus", vcpus),
+        ("mem_mib", mem_mib),
+        ("disk_mib", disk_mib),
+        ("snapshot_id", snapshot),
+    )
+    for field, value in fields:
         if value is not None:
             body[field] = value
     with _client() as client:
@@ -146,6 +154,89 @@ def destroy(
             _check(client.post(f"/v1/vms/{vm_id}/stop"))
         _check(client.delete(f"/v1/vms/{vm_id}"))
     err.print(f"{vm_id} destroyed")
+
+
+@app.command()
+def hibernate(vm: Annotated[str, typer.Argument(help="VM id or name")]) -> None:
+    """Save a VM's memory and processes and free its CPU and memory (resume brings it back)."""
+    with _client() as client:
+        _show(_check(client.post(f"/v1/vms/{_resolve(client, vm)}/hibernate")))
+
+
+@app.command()
+def resume(vm: Annotated[str, typer.Argument(help="VM id or name")]) -> None:
+    """Bring a hibernated VM back, its processes as they were."""
+    with _client() as client:
+        _show(_check(client.post(f"/v1/vms/{_resolve(client, vm)}/resume")))
+
+
+@app.command()
+def fork(
+    vm: Annotated[str, typer.Argument(help="VM id or name")],
+    count: Annotated[int, typer.Option(help="How many children (1 to 16)")] = 1,
+) -> None:
+    """Make running copies of a VM (disk and memory); it runs on."""
+    with _client() as client:
+        kids = _check(client.post(f"/v1/vms/{_resolve(client, vm)}/fork", json={"count": count}))["data"]
+    out.print_json(json.dumps(kids))
+    if any(k["status"] == "failed" for k in kids):
+        raise typer.Exit(1)
+
+
+@app.command()
+def snapshot(
+    vm: Annotated[str, typer.Argument(help="VM id or name")],
+    label: Annotated[str | None, typer.Option(help="A label for the snapshot")] = None,
+    disk_only: Annotated[bool, typer.Option("--disk-only", help="The disk only, not the memory")] = False,
+    wait: Annotated[bool, typer.Option(help="Wait until it is ready")] = True,
+) -> None:
+    """Snapshot a running VM (boot a new one from it with `create --snapshot`)."""
+    with _client() as client:
+        body: dict[str, Any] = {"disk_only": disk_only, **({"label": label} if label else {})}
+        snap = _check(client.post(f"/v1/vms/{_resolve(client, vm)}/snapshots", json=body))["data"]
+        deadline = time.monotonic() + 600
+        while wait and snap["status"] in ("pending", "uploading") and time.monotonic() < deadline:
+            time.sleep(0.1)
+            snap = _check(client.get(f"/v1/snapshots/{snap['id']}"))["data"]
+    out.print_json(json.dumps(snap))
+    if snap["status"] == "failed":
+        raise typer.Exit(1)
+
+
+@app.command()
+def checkpoint(
+    vm: Annotated[str, typer.Argument(help="VM id or name")],
+    name: Annotated[str, typer.Argument(help="Checkpoint name")],
+    disk_only: Annotated[bool, typer.Option("--disk-only", help="The disk only, not the memory")] = False,
+) -> None:
+    """Take a named checkpoint of a running VM (roll back to it with `rollback`)."""
+    with _client() as client:
+        body = {"name": name, "disk_only": disk_only}
+        out.print_json(
+            json.dumps(_check(client.post(f"/v1/vms/{_resolve(client, vm)}/checkpoints", json=body))["data"])
+        )
+
+
+@app.command()
+def rollback(
+    vm: Annotated[str, typer.Argument(help="VM id or name")],
+    to: Annotated[str, typer.Argument(help="Checkpoint id or name")],
+) -> None:
+    """Put a VM back as it was at a checkpoint (disk, and processes if it has them)."""
+    with _client() as client:
+        vm_id = _resolve(client, vm)
+        ckpt = to
+        if not to.startswith("ckpt_"):
+            found = [
+                c["id"]
+                for c in _check(client.get(f"/v1/vms/{vm_id}/checkpoints", params={"limit": 100}))["data"]
+                if c["name"] == to
+            ]
+            if not found:
+                err.print(f"[red]No checkpoint named {to}[/red]")
+                raise typer.Exit(1)
+            ckpt = found[0]
+        _show(_check(client.post(f"/v1/vms/{vm_id}/rollback", json={"checkpoint_id": ckpt})))
 
 
 @app.command("exec")
