@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session
 from corral.domain.errors import Conflict, CorralError, NotFound, ValidationFailed, not_found
 from corral.domain.ids import Prefix, has_prefix, new_id
 from corral.domain.pagination import ListSpec, Page, PageRequest
-from corral.domain.vm_states import Detail
-from corral.node.local import NodeError, Resources
+from corral.domain.vm_states import EXECUTABLE, Detail
+from corral.node.local import NodeError
 from corral.node.snapstore import SnapshotDamaged, SnapshotStore
 from corral.node.state import Capture, StateError, hibernate_key
 from corral.runtime import rootfs
@@ -30,6 +30,8 @@ from corral.store.tables import Checkpoint, Snapshot, Vm
 log = logging.getLogger("corral.state")
 
 SNAPSHOT_LIST = ListSpec(default_limit=20, max_limit=100, sorts=("created_at",))
+_SNAPSHOT_SORTS: SortColumns = {"created_at": (Snapshot.created_at, datetime)}
+_CHECKPOINT_SORTS: SortColumns = {"created_at": (Checkpoint.created_at, datetime)}
 CHECKPOINT_LIST = ListSpec(default_limit=20, max_limit=100, sorts=("created_at",))
 _CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_FORK = 16
@@ -67,17 +69,10 @@ class StateService:
 
     # ---- helpers --------------------------------------------------------------------------------------------
 
-    def _owned_vm(self, user_id: str, vm_id: str) -> Vm:
-        with self.life.reads() as session:
-            return vms.get_vm(session, user_id, vm_id)
-
     def _running(self, vm: Vm) -> str:
-        if Detail(vm.status_detail) not in (Detail.RUNNING, Detail.READY) or not vm.container_id:
+        if Detail(vm.status_detail) not in EXECUTABLE or not vm.container_id:
             raise _vm_not_running(vm)
         return vm.container_id
-
-    def _resources(self, vm: Vm | Snapshot) -> Resources:
-        return Resources(vcpus=vm.vcpus, mem_mib=vm.mem_mib, disk_mib=vm.disk_mib)
 
     def _set_snapshot(self, snap_id: str, **fields: object) -> None:
         with transaction(self.life.sessions) as session:
@@ -92,7 +87,7 @@ class StateService:
 
     def create_snapshot(self, user_id: str, vm_id: str, label: str | None, *, memory: bool) -> Snapshot:
         with self.life._vm_lock(vm_id):
-            vm = self._owned_vm(user_id, vm_id)
+            vm = self.life._owned(user_id, vm_id)
             self._running(vm)
             now = self.life.clock.now()
             row = Snapshot(
@@ -153,9 +148,13 @@ class StateService:
         if vm_id is not None:
             vms.get_vm(session, user_id, vm_id)
             stmt = stmt.where(Snapshot.source_vm_id == vm_id)
-        sorts: SortColumns = {"created_at": (Snapshot.created_at, datetime)}
         return paginate(
-            session, stmt, request=request, sort_columns=sorts, id_column=Snapshot.id, render=lambda r: r
+            session,
+            stmt,
+            request=request,
+            sort_columns=_SNAPSHOT_SORTS,
+            id_column=Snapshot.id,
+            render=lambda r: r,
         )
 
     def delete_snapshot(self, user_id: str, snap_id: str) -> None:
@@ -188,7 +187,7 @@ class StateService:
         snap_id, cid = vm.snapshot_id, vm.id
         node = self.life.node
         image = self.life._image(vm.image)
-        res = Resources(vm.vcpus, vm.mem_mib, vm.disk_mib)
+        res = self.life._resources(vm)
         volume = node.disks.create(cid, res.disk_mib)
         try:
             self.store.verify(snap_id)
@@ -213,7 +212,7 @@ class StateService:
 
     def hibernate(self, user_id: str, vm_id: str) -> Vm:
         with self.life._vm_lock(vm_id):
-            vm = self._owned_vm(user_id, vm_id)
+            vm = self.life._owned(user_id, vm_id)
             cid = self._running(vm)
             detail = Detail(vm.status_detail)
             self.life._move(vm_id, Detail.HIBERNATING, detail)
@@ -228,7 +227,7 @@ class StateService:
 
     def resume(self, user_id: str, vm_id: str) -> Vm:
         with self.life._vm_lock(vm_id):
-            vm = self._owned_vm(user_id, vm_id)
+            vm = self.life._owned(user_id, vm_id)
             if Detail(vm.status_detail) is not Detail.HIBERNATED or not vm.container_id:
                 raise Conflict(f"VM is not hibernated (it is {vm.status_detail})", code="vm_not_hibernated")
             cid = vm.container_id
@@ -236,7 +235,7 @@ class StateService:
             cap = self.node.get(hibernate_key(cid))
             try:
                 self.node.restore(
-                    cid, cap.memory, self.life._image(vm.image), self._resources(vm), hostname_for(vm_id)
+                    cid, cap.memory, self.life._image(vm.image), self.life._resources(vm), hostname_for(vm_id)
                 )
             except Exception as exc:
                 self.life._move(vm_id, Detail.HIBERNATED, Detail.RESUMING)
@@ -254,7 +253,7 @@ class StateService:
         # the source's lock is held until its children run: its network and command server come back while
         # they are restored
         with self.life._vm_lock(vm_id):
-            src = self._owned_vm(user_id, vm_id)
+            src = self.life._owned(user_id, vm_id)
             cid = self._running(src)
             key = f"fork-{new_id(Prefix.VM)}"
             try:
@@ -275,7 +274,7 @@ class StateService:
 
     def _restore_children(self, src: Vm, cap: Capture, children: list[Vm]) -> None:
         image = self.life._image(src.image)
-        res = self._resources(src)
+        res = self.life._resources(src)
 
         def one(child: Vm) -> None:
             try:
@@ -335,7 +334,7 @@ class StateService:
                 "name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
             )
         with self.life._vm_lock(vm_id):
-            vm = self._owned_vm(user_id, vm_id)
+            vm = self.life._owned(user_id, vm_id)
             cid = self._running(vm)
             with self.life.reads() as session:
                 taken = session.scalar(
@@ -378,10 +377,14 @@ class StateService:
         self, session: Session, user_id: str, vm_id: str, request: PageRequest
     ) -> Page[Checkpoint]:
         vms.get_vm(session, user_id, vm_id)
-        sorts: SortColumns = {"created_at": (Checkpoint.created_at, datetime)}
         stmt = select(Checkpoint).where(Checkpoint.vm_id == vm_id)
         return paginate(
-            session, stmt, request=request, sort_columns=sorts, id_column=Checkpoint.id, render=lambda r: r
+            session,
+            stmt,
+            request=request,
+            sort_columns=_CHECKPOINT_SORTS,
+            id_column=Checkpoint.id,
+            render=lambda r: r,
         )
 
     def delete_checkpoint(self, user_id: str, vm_id: str, ckpt_id: str) -> None:
@@ -405,7 +408,7 @@ class StateService:
             self.life._move(vm_id, Detail.ROLLING_BACK, Detail(vm.status_detail))
             node = self.life.node
             image = self.life._image(vm.image)
-            res = self._resources(vm)
+            res = self.life._resources(vm)
             aside = f"{cid}.old"
             node.stop(cid)
             node.disks.delete(aside)
