@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.requests import HTTPConnection
 
 from corral.config import Settings
 from corral.domain.errors import RateLimited, Unauthorized
@@ -58,24 +59,45 @@ def charge(st: AppState, limiter: RateLimiter, key: str) -> None:
 
 
 def principal(request: Request, st: StateDep) -> Principal:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if not header:
-        charge(st, st.anon_limiter, client_key(request))
-        raise Unauthorized("Missing API key: pass it as 'Authorization: Bearer <api_key>'")
-    if scheme.lower() != "bearer" or not token.strip():
-        charge(st, st.anon_limiter, client_key(request))
-        raise Unauthorized("Authorization header must be 'Bearer <api_key>'")
+    return authenticate_connection(request, st, allow_query=False)
+
+
+def connection_state(conn: HTTPConnection) -> AppState:
+    st = conn.app.state.corral
+    assert isinstance(st, AppState)
+    return st
+
+
+def authenticate_connection(conn: HTTPConnection, st: AppState, *, allow_query: bool) -> Principal:
+    """The caller of a request or WebSocket, by its ``Authorization: Bearer`` header, or (where a browser
+    cannot set headers: terminal, shell, proxy) by ``?token=`` when ``allow_query``."""
+    header = conn.headers.get("authorization", "")
+    query = conn.query_params.get("token", "") if allow_query else ""
+    if not header and not query:
+        charge(st, st.anon_limiter, client_key(conn))
+        where = " or as ?token=<api_key>" if allow_query else ""
+        raise Unauthorized(f"Missing API key: pass it as 'Authorization: Bearer <api_key>'{where}")
+    if header:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            charge(st, st.anon_limiter, client_key(conn))
+            raise Unauthorized("Authorization header must be 'Bearer <api_key>'")
+    else:
+        token = query
     with (st.reads or st.sessions)() as session:
         who = authenticate(session, token.strip())
     if who is None:
-        charge(st, st.anon_limiter, client_key(request))
+        charge(st, st.anon_limiter, client_key(conn))
         raise Unauthorized("Invalid API key")
     charge(st, st.key_limiter, who.key_id)
     return who
 
 
-def client_key(request: Request) -> str:
+def query_principal(conn: HTTPConnection) -> Principal:
+    return authenticate_connection(conn, connection_state(conn), allow_query=True)
+
+
+def client_key(request: HTTPConnection) -> str:
     """The client's address as a rate-limit key; IPv6 clients by their /64 (one host holds a whole /64)."""
     host = request.client.host if request.client else "unknown"
     try:
@@ -92,4 +114,6 @@ def anonymous_limit(request: Request, st: StateDep) -> None:
 
 
 PrincipalDep = Annotated[Principal, Depends(principal)]
+# header or ?token= (terminal, shell, proxy: what a browser can open)
+QueryPrincipalDep = Annotated[Principal, Depends(query_principal)]
 AnonLimit = Depends(anonymous_limit)
