@@ -222,6 +222,7 @@ def _spawn(tmp: Path, data_dir: Path, db_url: str, env_overrides: dict[str, str]
         "CORRAL_RATE_LIMIT_BURST": "100000",
         "CORRAL_ANON_RATE_LIMIT_PER_MINUTE": "1000000",
         "CORRAL_ANON_RATE_LIMIT_BURST": "100000",
+        "CORRAL_SSH_PORT": "0",  # the SSH gateway on any free port (GET /v1/vms/{id}/ssh says which)
         **env_overrides,
     }
     log = tmp / f"server-{port}.log"

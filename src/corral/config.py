@@ -41,6 +41,13 @@ def _int0(env: dict[str, str], name: str, default: int) -> int:
     return int(raw)
 
 
+def _port(env: dict[str, str], name: str, default: int) -> int:
+    value = _int0(env, name, default)
+    if value > 65535:
+        raise SystemExit(f"{name} must be a port number (0-65535), got {value}")
+    return value
+
+
 DEFAULT_EGRESS_DENY = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
 
 
@@ -120,6 +127,12 @@ class Settings:
     # where `make install` builds CRIU and crun with libcriu (scripts/build-state-tools); used when present
     tools_prefix: Path = Path("/opt/corral")
     snapshots_dir: Path | None = None  # the local snapshot store; default: <data_dir>/snapshots
+    # the SSH gateway (docs/operations.md): listen address and port (0: any free port), and the host name
+    # `GET /v1/vms/{id}/ssh` tells users to connect to (default: the host name the API was reached at)
+    ssh: bool = True
+    ssh_listen: str = "127.0.0.1"
+    ssh_port: int = 2222
+    ssh_public_host: str | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -162,6 +175,10 @@ class Settings:
             egress_dns_port=_int(env, "CORRAL_EGRESS_DNS_PORT", 15053),
             tools_prefix=Path(env.get("CORRAL_TOOLS_PREFIX") or "/opt/corral"),
             snapshots_dir=Path(env["CORRAL_SNAPSHOTS_DIR"]) if env.get("CORRAL_SNAPSHOTS_DIR") else None,
+            ssh=_flag(env, "CORRAL_SSH", True),
+            ssh_listen=env.get("CORRAL_SSH_LISTEN") or "127.0.0.1",
+            ssh_port=_port(env, "CORRAL_SSH_PORT", 2222),
+            ssh_public_host=env.get("CORRAL_SSH_HOST") or None,
         )
 
     @property

@@ -26,12 +26,14 @@ def serve(
 ) -> None:
     """Run the API server (with the embedded SQLite store unless CORRAL_DATABASE_URL says otherwise)."""
     import logging
+    import os
 
     import uvicorn
 
     from corral.api.app import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    os.environ.setdefault("CORRAL_SSH_LISTEN", host)  # SSH where the API is, unless told otherwise
     with image_progress() as progress:
         application = create_app(progress=progress)
     uvicorn.run(application, host=host, port=port, log_level=log_level, server_header=False)

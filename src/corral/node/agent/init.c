@@ -12,7 +12,9 @@
  *    closes the connection first (timeout, client gone), the child's whole session is killed.
  *
  * Request (one message, at most 1 MiB): "corral-exec-1\0" uid "\0" gid "\0" cwd "\0" argc "\0" argv... envc "\0"
- * env... (decimal numbers as text, every field NUL-terminated), with exactly two fds attached.
+ * env... (decimal numbers as text, every field NUL-terminated), with two fds attached (stdout, stderr; stdin is
+ * /dev/null) or three (stdin, stdout, stderr: interactive sessions). When stdin is a terminal (a pty the host
+ * opened in the sandbox's own devpts), it becomes the command's controlling terminal.
  * Answers: "pid <n>\n" after the fork, then "exit <wait status>\n"; or "error <message>\n".
  *
  * 3. Before the sandbox is checkpointed (CRIU cannot dump a socket bound to a path outside the sandbox), the
@@ -31,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -116,11 +119,11 @@ static int parse_number(const char *text, long max, long *out) {
 }
 
 /* In the child: become the command. Never returns. */
-static void run_command(int out_fd, int err_fd, long uid, long gid, const char *cwd, char **argv, char **envp) {
+static void run_command(int in_fd, int out_fd, int err_fd, long uid, long gid, const char *cwd, char **argv, char **envp) {
     if (setsid() < 0) _exit(126);
-    if (dup2(out_fd, 1) < 0 || dup2(err_fd, 2) < 0) _exit(126);
-    int devnull = open("/dev/null", O_RDONLY);
-    if (devnull < 0 || dup2(devnull, 0) < 0) _exit(126);
+    if (in_fd < 0) in_fd = open("/dev/null", O_RDONLY);
+    if (in_fd < 0 || dup2(in_fd, 0) < 0 || dup2(out_fd, 1) < 0 || dup2(err_fd, 2) < 0) _exit(126);
+    if (isatty(0) && ioctl(0, TIOCSCTTY, 0) < 0) _exit(126);
     (void)syscall(SYS_close_range, 3, ~0U, 0);
     sigset_t none;
     sigemptyset(&none);
@@ -164,7 +167,7 @@ static void detach(int conn) {
 
 static void handle(int conn) {
     static char buf[MAX_REQUEST + 1];
-    char control[CMSG_SPACE(2 * sizeof(int))];
+    char control[CMSG_SPACE(3 * sizeof(int))];
     struct iovec iov = {buf, MAX_REQUEST};
     struct msghdr msg = {0};
     msg.msg_iov = &iov;
@@ -172,16 +175,22 @@ static void handle(int conn) {
     msg.msg_control = control;
     msg.msg_controllen = sizeof control;
     ssize_t n = recvmsg(conn, &msg, MSG_CMSG_CLOEXEC);
-    int fds[2] = {-1, -1};
+    /* fds[0] stdin (-1: /dev/null), fds[1] stdout, fds[2] stderr */
+    int fds[3] = {-1, -1, -1};
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
-        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS && c->cmsg_len == CMSG_LEN(2 * sizeof(int)))
-            memcpy(fds, CMSG_DATA(c), sizeof fds);
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        if (c->cmsg_len == CMSG_LEN(2 * sizeof(int)))
+            memcpy(fds + 1, CMSG_DATA(c), 2 * sizeof(int));
+        else if (c->cmsg_len == CMSG_LEN(3 * sizeof(int)))
+            memcpy(fds, CMSG_DATA(c), 3 * sizeof(int));
+        else  /* not ours to keep */
+            for (size_t k = 0; k < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); k++) close(((int *)CMSG_DATA(c))[k]);
     }
-    if (n == (ssize_t)sizeof DETACH && memcmp(buf, DETACH, sizeof DETACH) == 0 && fds[0] < 0) {
+    if (n == (ssize_t)sizeof DETACH && memcmp(buf, DETACH, sizeof DETACH) == 0 && fds[1] < 0) {
         detach(conn);
         return;
     }
-    if (n <= 0 || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || fds[0] < 0 || fds[1] < 0) {
+    if (n <= 0 || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || fds[1] < 0 || fds[2] < 0) {
         say_error(conn, "bad request");
         goto fail;
     }
@@ -222,16 +231,16 @@ static void handle(int conn) {
         say_error(conn, "fork failed");
         goto fail;
     }
-    if (pid == 0) run_command(fds[0], fds[1], uid, gid, fields[3], argv, envp);
-    close(fds[0]);
-    close(fds[1]);
+    if (pid == 0) run_command(fds[0], fds[1], fds[2], uid, gid, fields[3], argv, envp);
+    for (int k = 0; k < 3; k++)
+        if (fds[k] >= 0) close(fds[k]);
     active[slot].pid = pid;
     active[slot].conn = conn;
     say(conn, "pid %ld\n", (long)pid);
     return;
 fail:
-    if (fds[0] >= 0) close(fds[0]);
-    if (fds[1] >= 0) close(fds[1]);
+    for (int k = 0; k < 3; k++)
+        if (fds[k] >= 0) close(fds[k]);
     close(conn);
 }
 
