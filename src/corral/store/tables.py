@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -165,6 +166,10 @@ class EgressEvent(Base):
     verdict: Mapped[str] = mapped_column(String(8))
     allowed: Mapped[bool] = mapped_column(Boolean)
     mode: Mapped[str] = mapped_column(String(8))
+    # bytes of an allowed connection (or HTTP request and response), counted by the proxy when it ends:
+    # sent up by the sandbox, received down; null on decisions that carried nothing
+    bytes_up: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    bytes_down: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Vm(Base):
@@ -186,6 +191,8 @@ class Vm(Base):
         Index("ix_vms_user_updated", "user_id", "updated_at", "id"),
         Index("ix_vms_user_name", "user_id", "name", "id"),
         Index("ix_vms_status_detail", "status_detail"),
+        Index("ix_vms_expires_at", "expires_at"),
+        Index("ix_vms_user_destroyed", "user_id", "destroyed_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(ID, primary_key=True)
@@ -206,6 +213,32 @@ class Vm(Base):
     egress_rules: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON [{"host"|"cidr": ...}]
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # auto-destroy: seconds the timer is set to, and when it fires (null: no timer)
+    timeout: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    destroy_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)  # api | timeout
+    destroyed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # accounting (corral.domain.usage): totals, and the meter of a running VM (its last cgroup sample)
+    cpu_us: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    mem_peak_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    uptime_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    meter_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    meter_cpu_ns: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    meter_mem_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class VmUsageDay(Base):
+    """What a VM used on one UTC day, from its cgroup samples (``corral.services.usage``)."""
+
+    __tablename__ = "vm_usage_days"
+    __table_args__ = (Index("ix_vm_usage_days_user_day", "user_id", "day"),)
+
+    vm_id: Mapped[str] = mapped_column(ID, ForeignKey("vms.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey(OWNER, ondelete="CASCADE"))
+    cpu_us: Mapped[int] = mapped_column(BigInteger)
+    mem_kib_ms: Mapped[int] = mapped_column(BigInteger)
+    uptime_ms: Mapped[int] = mapped_column(BigInteger)
 
 
 class Snapshot(Base):
