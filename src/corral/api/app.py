@@ -14,7 +14,7 @@ from corral import __version__
 from corral.api import docs, errors, openapi
 from corral.api.deps import AppState
 from corral.api.limits import RequestGuard
-from corral.api.routers import audit, auth, egress, env, execs, health, secrets, state, users, vms
+from corral.api.routers import access, audit, auth, egress, env, execs, health, secrets, state, users, vms
 from corral.config import Settings, prepare_data_dir
 from corral.domain.clock import Clock, SystemClock
 from corral.domain.ratelimit import Limit, RateLimiter
@@ -23,10 +23,12 @@ from corral.node.setup import ensure_default_image, make_node
 from corral.node.snapstore import LocalSnapshotStore
 from corral.runtime.images import Progress
 from corral.security.secretbox import AesGcmCipher, load_or_create_key
+from corral.services.access import Access
 from corral.services.context import Services
 from corral.services.lifecycle import Lifecycle
 from corral.services.state import StateService
 from corral.services.vms import ResourceLimits
+from corral.ssh.gateway import SshGateway, load_or_create_host_key
 from corral.store.db import make_engine, migrate, read_session_factory, session_factory
 
 log = logging.getLogger("corral")
@@ -104,9 +106,18 @@ def create_app(
             await anyio.to_thread.run_sync(egress_process.start)
         if life is not None:
             life.start_background()
+        if life is not None and settings.ssh:
+            gateway = SshGateway(
+                Access(life, reads).ssh_backend(), load_or_create_host_key(settings.data_dir), sftp=None
+            )
+            await gateway.start(settings.ssh_listen, settings.ssh_port)
+            app.state.corral.ssh = gateway
         try:
             yield
         finally:
+            if app.state.corral.ssh is not None:
+                await app.state.corral.ssh.close()
+                app.state.corral.ssh = None
             if life is not None:
                 if life.saved_state is not None:
                     life.saved_state.close()
@@ -140,7 +151,7 @@ def create_app(
     )
     errors.install(app)
     docs.install(app)
-    for module in (health, users, auth, env, secrets, egress, audit, vms, execs, state):
+    for module in (health, users, auth, env, secrets, egress, audit, vms, execs, state, access):
         app.include_router(module.router)
     app.include_router(vms.images_router)
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)

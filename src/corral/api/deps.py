@@ -19,6 +19,7 @@ from corral.services.context import Services
 from corral.services.lifecycle import Lifecycle
 from corral.services.state import StateService
 from corral.services.users import Principal, authenticate
+from corral.ssh.gateway import SshGateway
 
 
 @dataclass
@@ -32,6 +33,7 @@ class AppState:
     lifecycle: Lifecycle | None = None
     reads: sessionmaker[Session] | None = None  # read-only sessions (no write lock on SQLite)
     saved_state: StateService | None = None  # snapshots, hibernate, fork, checkpoints
+    ssh: SshGateway | None = None  # the SSH gateway, while it listens
 
 
 def state(request: Request) -> AppState:

@@ -291,6 +291,18 @@ class VmCreateRequest(Request):
     )
 
 
+class SshOut(Response):
+    host: str = Field(examples=["203.0.113.10"])
+    port: int = Field(examples=[2222])
+    username: str = Field(
+        examples=["vm_k3mf9xvw2p"], description="The VM's id: it picks the VM; you are root inside"
+    )
+    command: str = Field(examples=["ssh -p 2222 vm_k3mf9xvw2p@203.0.113.10"])
+    host_key: str = Field(
+        description="The gateway's host key, as in known_hosts", examples=["ssh-ed25519 AAAA..."]
+    )
+
+
 class VmOut(Response):
     id: str = Field(examples=["vm_k3mf9xvw2p"])
     name: str = Field(examples=["my-dev-env"])

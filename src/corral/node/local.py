@@ -25,9 +25,11 @@ from corral.net import plan as netplan
 from corral.net.gateway import Gateway, NetworkError
 from corral.net.plan import NetPlan
 from corral.node import agent as agent_binary
+from corral.node import interactive
 from corral.node.agent.client import run_via_agent
 from corral.node.execution import Event, run_streaming
 from corral.node.files import FileError, SandboxFiles
+from corral.node.interactive import Pty, Session
 from corral.runtime import cgroups, rootfs
 from corral.runtime.argv import RuntimeCli
 from corral.runtime.disk import DiskPool
@@ -326,6 +328,31 @@ class LocalNode:
                 kill_session=lambda inner: self.kill_inner_session(cid, inner),
             )
         return run_streaming(self, cid, args, env=full, cwd=cwd, user=user, timeout=timeout)
+
+    async def open_session(
+        self,
+        cid: str,
+        args: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: str,
+        user: str | None = None,
+        pty: Pty | None = None,
+    ) -> Session:
+        """An interactive command (SSH, terminal, shell): its stdin too, on a terminal when ``pty`` is given."""
+        sock = self.agent_socket(cid)
+        if sock is None:
+            raise NodeError("the sandbox has no command server (not running, or booted with another init)")
+        return await interactive.start(
+            sock,
+            self.files(cid),
+            args,
+            env={**self.base_env(), **env},
+            cwd=cwd,
+            user=user,
+            pty=pty,
+            kill_session=lambda inner: self.kill_inner_session(cid, inner),
+        )
 
     def base_env(self) -> dict[str, str]:
         """What every command run in a sandbox starts from (the request's env is laid over it)."""

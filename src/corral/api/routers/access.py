@@ -1,0 +1,244 @@
+"""Getting into a VM: ``GET /v1/vms/{id}/ssh`` (iron.sh), and the WebSockets ``/terminal`` (a terminal) and
+``/shell`` (a long-lived bash, one command after another) from isorun."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request, WebSocket, WebSocketDisconnect
+from starlette.concurrency import run_in_threadpool
+
+from corral.api.deps import PrincipalDep, StateDep, authenticate_connection, connection_state
+from corral.api.errors import error_response
+from corral.api.routers.common import AUTHED, errors
+from corral.api.routers.vms import lifecycle_of
+from corral.api.schemas import SshOut
+from corral.domain.errors import Conflict, CorralError, ValidationFailed
+from corral.node.interactive import Pty, Session
+from corral.services import vms as vms_service
+from corral.services.access import Access
+from corral.services.lifecycle import NodeUnavailable
+from corral.services.shell import BASH, BashSession, Done
+from corral.ssh.gateway import SHELL, Target
+
+router = APIRouter(prefix="/v1/vms", tags=["access"])
+VmId = Annotated[str, Path(description="The VM ID")]
+
+SHELL_TIMEOUT_S = 60.0
+MAX_SHELL_TIMEOUT_S = 3600.0
+MAX_MESSAGE = 1024 * 1024
+
+
+class SshUnavailable(CorralError):
+    status = 503
+    code = "ssh_unavailable"
+
+
+@router.get(
+    "/{vm_id}/ssh",
+    response_model=SshOut,
+    summary="Get SSH connection info",
+    description="How to log into the VM with a stock OpenSSH client and the private key of its `public_key`: "
+    "the user name is the VM's id (you are root inside). `host_key` is the gateway's host key, for "
+    "`known_hosts`. Shell, commands, `scp`/`sftp` and `ssh -L` to ports inside the VM work.",
+    responses=errors(*AUTHED, 404),
+)
+def ssh_info(vm_id: VmId, who: PrincipalDep, st: StateDep, request: Request) -> SshOut:
+    lifecycle_of(st)
+    with (st.reads or st.sessions)() as session:
+        vms_service.get_vm(session, who.user_id, vm_id)
+    if st.ssh is None:
+        raise SshUnavailable("The SSH gateway is off on this server (CORRAL_SSH=off)")
+    host = st.settings.ssh_public_host or request.url.hostname or "127.0.0.1"
+    port = st.ssh.port
+    username = vm_id
+    where = f"{username}@{host}" if ":" not in host else f"{username}@[{host}]"
+    command = f"ssh {where}" if port == 22 else f"ssh -p {port} {where}"
+    return SshOut(host=host, port=port, username=username, command=command, host_key=st.ssh.public_key)
+
+
+# ---- WebSockets ---------------------------------------------------------------------------------------------
+
+
+async def _open(websocket: WebSocket, vm_id: str) -> tuple[Access, Target] | None:
+    """Authenticate (header or ?token=) and find the caller's running VM, answering an HTTP error in the
+    envelope (before the WebSocket is accepted) when that fails."""
+    st = connection_state(websocket)
+    try:
+        who = await run_in_threadpool(authenticate_connection, websocket, st, allow_query=True)
+        if st.lifecycle is None:
+            raise NodeUnavailable("This server runs no sandboxes (CORRAL_NODE=off)")
+        access = Access(st.lifecycle, st.reads or st.sessions)
+        target = await run_in_threadpool(access.target, who.user_id, vm_id)
+    except CorralError as exc:
+        await _deny(websocket, exc)
+        return None
+    return access, target
+
+
+async def _deny(websocket: WebSocket, exc: CorralError) -> None:
+    try:
+        await websocket.send_denial_response(error_response(exc.status, exc.code, exc.message))
+    except RuntimeError:  # the server cannot answer HTTP on a WebSocket request: close with 4000 + status
+        await websocket.close(code=4000 + exc.status, reason=exc.message[:120])
+
+
+def _int_param(websocket: WebSocket, name: str, default: int) -> int:
+    raw = websocket.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= 10000:
+        raise ValidationFailed(f"{name} must be an integer from 1 to 10000")
+    return int(raw)
+
+
+def _control(message: str) -> dict[str, Any] | None:
+    """A text frame that is a JSON object with a ``type`` is a control message; other text is input."""
+    if not message.startswith("{"):
+        return None
+    try:
+        parsed = json.loads(message)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) and isinstance(parsed.get("type"), str) else None
+
+
+@router.websocket("/{vm_id}/terminal")
+async def terminal(websocket: WebSocket, vm_id: str) -> None:
+    """A terminal on the VM: binary frames are its output and your keystrokes; text frames carry JSON control
+    messages (``{"type": "resize", "cols": 120, "rows": 40}``, ``{"type": "input", "data": "ls\\n"}``); the
+    end is ``{"type": "exit", "exit_code": N}`` and a normal close. Query: ``cols``, ``rows``, ``token``."""
+    try:
+        cols, rows = _int_param(websocket, "cols", 80), _int_param(websocket, "rows", 24)
+    except CorralError as exc:
+        await _deny(websocket, exc)
+        return
+    opened = await _open(websocket, vm_id)
+    if opened is None:
+        return
+    access, target = opened
+    try:
+        session = await access.start(target, ["/bin/sh", "-c", SHELL], {}, Pty(cols, rows, "xterm-256color"))
+    except Exception as exc:
+        await _deny(websocket, _unavailable(exc))
+        return
+    await websocket.accept()
+    reader = asyncio.create_task(_terminal_input(websocket, session))
+    try:
+        while data := await session.read("stdout"):
+            await websocket.send_bytes(data)
+        code = await session.wait()
+        await websocket.send_text(json.dumps({"type": "exit", "exit_code": code}))
+        await websocket.close(1000)
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    finally:
+        reader.cancel()
+        await session.close()
+
+
+def _unavailable(exc: Exception) -> CorralError:
+    if isinstance(exc, CorralError):
+        return exc
+    return Conflict(f"cannot start a session in the VM: {exc}", code="vm_not_running")
+
+
+async def _terminal_input(websocket: WebSocket, session: Session) -> None:
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            if message.get("bytes") is not None:
+                await session.write(message["bytes"])
+                continue
+            text = message.get("text") or ""
+            control = _control(text)
+            if control is None:
+                await session.write(text.encode())
+            elif control["type"] == "resize":
+                session.resize(int(control.get("cols") or 80), int(control.get("rows") or 24))
+            elif control["type"] == "input":
+                await session.write(str(control.get("data", "")).encode())
+    await session.close()  # the client went away: end what runs
+
+
+@router.websocket("/{vm_id}/shell")
+async def shell(websocket: WebSocket, vm_id: str) -> None:
+    """A long-lived bash: send ``{"command": "cd /tmp", "timeout": 30}`` (or the command as plain text), get
+    ``{"type": "stdout"|"stderr", "data": ...}`` messages and then ``{"type": "exit", "exit_code": N,
+    "duration_ms": N}``. The directory, variables and functions carry over from one command to the next."""
+    opened = await _open(websocket, vm_id)
+    if opened is None:
+        return
+    access, target = opened
+    bash = BashSession(lambda: access.start(target, BASH, {}, None))
+    try:
+        await bash.open()
+    except Exception as exc:
+        await _deny(websocket, _unavailable(exc))
+        return
+    await websocket.accept()
+    try:
+        await websocket.send_json({"type": "ready", "shell": BASH[0]})
+        while True:
+            text = await websocket.receive_text()
+            try:
+                command, timeout = _shell_request(text)
+            except CorralError as exc:
+                await websocket.send_json({"type": "error", "code": exc.code, "message": exc.message})
+                continue
+            async for item in bash.run(command, timeout):
+                if isinstance(item, Done):
+                    await websocket.send_json(
+                        {
+                            "type": "exit",
+                            "exit_code": item.exit_code,
+                            "duration_ms": item.duration_ms,
+                            "timed_out": item.timed_out,
+                            "shell_restarted": item.timed_out or item.shell_exited,
+                        }
+                    )
+                else:
+                    await websocket.send_json(
+                        {"type": item.stream, "data": item.data.decode(errors="replace")}
+                    )
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    finally:
+        await bash.close()
+
+
+def _shell_request(text: str) -> tuple[str, float]:
+    if len(text) > MAX_MESSAGE:
+        raise ValidationFailed("a command is at most 1 MiB")
+    control = _control(text) if text.startswith("{") else None
+    if text.startswith("{") and control is None:
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            raise ValidationFailed("a JSON message must be an object") from None
+        control = parsed if isinstance(parsed, dict) else None
+        if control is None:
+            raise ValidationFailed("a JSON message must be an object")
+    if control is None:
+        command, timeout = text, SHELL_TIMEOUT_S
+    else:
+        raw_command = control.get("command")
+        raw_timeout = control.get("timeout", SHELL_TIMEOUT_S)
+        if not isinstance(raw_command, str):
+            raise ValidationFailed("command must be a string")
+        command = raw_command
+        if not isinstance(raw_timeout, (int, float)) or isinstance(raw_timeout, bool):
+            raise ValidationFailed("timeout must be a number of seconds")
+        timeout = float(raw_timeout)
+        if not 0 < timeout <= MAX_SHELL_TIMEOUT_S:
+            raise ValidationFailed(f"timeout must be more than 0 and at most {int(MAX_SHELL_TIMEOUT_S)} s")
+    if not command.strip():
+        raise ValidationFailed("command must not be empty")
+    if "\x00" in command:
+        raise ValidationFailed("command must not contain NUL")
+    return command, timeout

@@ -1,0 +1,283 @@
+"""The SSH gateway: one asyncssh server on the host for every sandbox of the node, so a stock OpenSSH client
+logs into a sandbox with the private key of the VM's ``public_key`` and nothing runs sshd inside.
+
+``ssh -p <port> <vm id>@<host>``: the user name picks the VM, the VM's ``public_key`` is the only key it
+accepts, and the session is root's in the sandbox: an interactive shell on a terminal (window size changes
+follow), a command with its exit status, the SFTP subsystem (``sftp``, and ``scp``, which speaks SFTP), and
+``-L`` forwarding to ports inside the sandbox (made in the sandbox's own network namespace, so a server bound
+to its 127.0.0.1 is reachable). Remote forwarding, agent and X11 forwarding are refused."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import asyncssh
+from asyncssh.forward import SSHForwarder
+
+from corral.domain.vm_states import Detail
+from corral.node.files import SandboxFiles
+from corral.node.guestnet import GuestUnreachable, guest_socket
+from corral.node.interactive import Pty, Session
+
+log = logging.getLogger("corral.ssh")
+logging.getLogger("asyncssh").setLevel(logging.WARNING)
+
+HOST_KEY = "ssh_host_ed25519_key"
+SHELL = "if [ -x /bin/bash ]; then exec /bin/bash -l; else exec /bin/sh -l; fi"  # a login shell
+PASSED_ENV = ("LANG", "LANGUAGE", "COLORTERM")  # what a client may set (sshd's usual AcceptEnv), with LC_*
+DRAIN_S = 1.0  # after the command's exit, how long output left in the pipes may take to arrive
+
+
+@dataclass(frozen=True)
+class Target:
+    """A running VM an SSH connection is logged into."""
+
+    vm_id: str
+    user_id: str
+    cid: str
+    files: SandboxFiles
+
+
+class Backend:
+    """What the gateway needs from the rest of Corral (the lifecycle and the store), as plain callables so
+    tests can stand in for them."""
+
+    def __init__(
+        self,
+        find_key: Callable[[str], tuple[str, str] | None],
+        target: Callable[[str, str], Target | str],
+        start: Callable[[Target, list[str], dict[str, str], Pty | None], Awaitable[Session]],
+    ) -> None:
+        self.find_key = find_key  # vm id -> (user id, public key) of a VM that is not destroyed, else None
+        self.target = target  # (user id, vm id) -> the running VM, or why it cannot be used now
+        self.start = start  # start a command in a VM: argv, extra environment, terminal
+
+
+def load_or_create_host_key(data_dir: Path) -> asyncssh.SSHKey:
+    path = data_dir / HOST_KEY
+    if path.exists():
+        return asyncssh.read_private_key(str(path))
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key.export_private_key())
+    os.replace(tmp, path)
+    return key
+
+
+def same_key(authorized: str, offered: asyncssh.SSHKey) -> bool:
+    try:
+        return asyncssh.import_public_key(authorized).public_data == offered.public_data
+    except (asyncssh.KeyImportError, ValueError):
+        return False
+
+
+def client_env(requested: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in requested.items() if k in PASSED_ENV or k.startswith("LC_")}
+
+
+class _Server(asyncssh.SSHServer):
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.owner: tuple[str, str] | None = None  # (user id, public key) of the VM named as the user name
+        self.vm_id = ""
+        self.target: Target | None = None
+        self.found: Target | str | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+
+    async def begin_auth(self, username: str) -> bool:
+        self.vm_id = username
+        self.owner = await asyncio.to_thread(self.backend.find_key, username)
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        if self.owner is None or username != self.vm_id or not same_key(self.owner[1], key):
+            return False
+        # the VM as it is now, for auth_completed (which asyncssh does not await on a server) to act on
+        self.found = await asyncio.to_thread(self.backend.target, self.owner[0], self.vm_id)
+        return True
+
+    def auth_completed(self) -> None:
+        if isinstance(self.found, str):
+            assert self.conn is not None
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, self.found)
+            return
+        self.target = self.found
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> Awaitable[asyncssh.SSHTCPSession[bytes]] | bool:
+        """``ssh -L``: to a port inside the sandbox (its loopback or its own address), never the host's."""
+        if self.target is None or dest_host not in ("localhost", "127.0.0.1", "::1"):
+            return False
+        return cast(Awaitable[asyncssh.SSHTCPSession[bytes]], self._forward(self.target, dest_port))
+
+    async def _forward(self, target: Target, port: int) -> SSHForwarder:
+        try:
+            sock = await asyncio.to_thread(guest_socket, target.files.pid, "127.0.0.1", port, 5.0)
+        except GuestUnreachable as exc:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+        loop = asyncio.get_running_loop()
+        _, peer = await loop.create_connection(SSHForwarder, sock=sock)
+        return SSHForwarder(peer)
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        return False  # no listening on the host for a sandbox (-R)
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        return False
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        return False
+
+
+async def _pump_in(process: asyncssh.SSHServerProcess[bytes], session: Session) -> None:
+    while True:
+        try:
+            data = await process.stdin.read(65536)
+        except asyncssh.TerminalSizeChanged as change:
+            session.resize(change.width, change.height)
+            continue
+        except (asyncssh.BreakReceived, asyncssh.SignalReceived):
+            continue
+        if not data:
+            session.close_stdin()
+            return
+        await session.write(data)
+
+
+async def _pump_out(session: Session, stream: str, writer: asyncssh.SSHWriter[bytes]) -> None:
+    while data := await session.read(stream):
+        writer.write(data)
+        await writer.drain()
+
+
+async def run_process(process: asyncssh.SSHServerProcess[bytes], backend: Backend) -> None:
+    """One session channel: a shell or a command, on a terminal when the client asked for one."""
+    try:
+        await _run_process(process, backend)
+    except Exception:
+        log.exception("ssh session failed")
+        process.exit(255)
+
+
+async def _run_process(process: asyncssh.SSHServerProcess[bytes], backend: Backend) -> None:
+    server = process.get_extra_info("connection").get_owner()
+    assert isinstance(server, _Server)
+    assert server.target is not None
+    if process.subsystem:
+        process.stderr.write(f"corral: subsystem {process.subsystem} is not available\r\n".encode())
+        process.exit(1)
+        return
+    term = process.term_type
+    cols, rows, _, _ = process.term_size
+    pty = Pty(cols or 80, rows or 24, term) if term else None
+    argv = ["/bin/sh", "-c", process.command] if process.command is not None else ["/bin/sh", "-c", SHELL]
+    try:
+        session = await backend.start(server.target, argv, client_env(dict(process.env)), pty)
+    except Exception as exc:  # the sandbox stopped meanwhile, or its command server is gone
+        log.info("ssh session for %s failed to start: %s", server.target.vm_id, exc)
+        process.stderr.write(f"corral: cannot start a session: {exc}\r\n".encode())
+        process.exit(255)
+        return
+    inbound = asyncio.create_task(_pump_in(process, session))
+    outbound = [asyncio.create_task(_pump_out(session, "stdout", process.stdout))]
+    if not session.pty:
+        outbound.append(asyncio.create_task(_pump_out(session, "stderr", process.stderr)))
+    try:
+        code = await session.wait()
+        _, pending = await asyncio.wait(outbound, timeout=DRAIN_S)
+        for task in pending:
+            task.cancel()
+        if code > 128 and code - 128 in signal.valid_signals():
+            process.exit_with_signal(signal.Signals(code - 128).name.removeprefix("SIG"))
+        else:
+            process.exit(code)
+    except (asyncssh.Error, OSError, RuntimeError) as exc:
+        log.info("ssh session for %s ended: %s", server.target.vm_id, exc)
+        process.exit(255)
+    finally:
+        inbound.cancel()
+        for task in outbound:
+            task.cancel()
+        await session.close()
+
+
+class SshGateway:
+    def __init__(
+        self,
+        backend: Backend,
+        host_key: asyncssh.SSHKey,
+        sftp: Callable[[asyncssh.SSHServerChannel[bytes], SandboxFiles], asyncssh.SFTPServer] | None,
+    ) -> None:
+        self.backend = backend
+        self.host_key = host_key
+        self.sftp = sftp
+        self._server: asyncssh.SSHAcceptor | None = None
+
+    @property
+    def public_key(self) -> str:
+        """The host key as a known_hosts key (``ssh-ed25519 AAAA...``)."""
+        return self.host_key.export_public_key().decode().strip()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.get_port())
+
+    async def start(self, host: str, port: int) -> None:
+        def sftp_factory(chan: asyncssh.SSHServerChannel[bytes]) -> asyncssh.SFTPServer:
+            server = chan.get_connection().get_owner()
+            assert isinstance(server, _Server)
+            assert server.target is not None
+            assert self.sftp is not None
+            return self.sftp(chan, server.target.files)
+
+        self._server = await asyncssh.listen(
+            host,
+            port,
+            server_factory=lambda: _Server(self.backend),
+            server_host_keys=[self.host_key],
+            process_factory=lambda process: run_process(process, self.backend),
+            sftp_factory=sftp_factory if self.sftp is not None else None,
+            allow_scp=False,
+            encoding=None,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            line_editor=False,
+            keepalive_interval=30,
+            login_timeout=30,
+        )
+        log.info("SSH gateway listening on %s:%d", host, self.port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
+
+
+def unusable(detail: Detail) -> str:
+    """Why a VM in state ``detail`` cannot take an SSH session (told to the client at disconnect)."""
+    return (
+        f"the VM is {detail.value}, not running: start it first (corral vm start / POST /v1/vms/{{id}}/start)"
+    )
