@@ -24,6 +24,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from tests.sandbox.test_cli_vm import cli
 from tests.support import Account, Server, free_port
 from tests.vmtools import _KEY_DIR, create_ready, destroy, public_key, run
 
@@ -414,3 +415,12 @@ def test_shell_websocket_keeps_state(node: Server, account: Account, vm: dict[st
         assert bad["type"] == "error"
         assert bad["code"] == "validation_error"
     assert run(account.client, vm["id"], "cat /tmp/shell-file.txt")["stdout"] == "in-sandbox\n"
+
+
+def test_cli_vm_ssh(node: Server, account: Account, vm: dict[str, Any], tmp_path: Path) -> None:
+    ran = cli(node, account, "ssh", vm["name"], "-i", key_file(), "--", "hostname; exit 6", cwd=tmp_path)
+    assert ran.returncode == 6, ran.stderr
+    assert ran.stdout.strip() == run(account.client, vm["id"], "hostname")["stdout"].strip()
+    known = (tmp_path / ".config" / "corral" / "known_hosts").read_text()
+    info = account.client.get(f"/v1/vms/{vm['id']}/ssh").json()
+    assert known == f"[127.0.0.1]:{info['port']} {info['host_key']}\n"

@@ -320,3 +320,54 @@ def cp(
                 )
             )
         err.print(f"{local} -> {vm_id}:{result['path']} ({result['size']} bytes)")
+
+
+def known_hosts_path() -> Path:
+    """Where `corral vm ssh` keeps the gateways' host keys (beside the saved login)."""
+    return credentials.credentials_path().parent / "known_hosts"
+
+
+def ssh_argv(info: dict[str, Any], known_hosts: Path, identity: Path | None, rest: list[str]) -> list[str]:
+    """The OpenSSH command for ``GET /v1/vms/{id}/ssh``'s answer, pinned to the gateway's host key."""
+    argv = ["ssh", "-p", str(info["port"]), "-o", f"UserKnownHostsFile={known_hosts}"]
+    argv += ["-o", "StrictHostKeyChecking=yes"]
+    if identity is not None:
+        argv += ["-i", str(identity), "-o", "IdentitiesOnly=yes"]
+    return [*argv, f"{info['username']}@{info['host']}", *rest]
+
+
+def remember_host_key(info: dict[str, Any], path: Path) -> None:
+    """Add the gateway's host key to ``path`` (once): ssh then checks it is talking to this server."""
+    host = info["host"] if int(info["port"]) == 22 else f"[{info['host']}]:{info['port']}"
+    line = f"{host} {info['host_key']}"
+    lines = path.read_text().splitlines() if path.exists() else []
+    if line in lines:
+        return
+    kept = [existing for existing in lines if not existing.startswith(f"{host} ")]  # a key that changed
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.write_text("".join(f"{entry}\n" for entry in [*kept, line]))
+
+
+@app.command()
+def ssh(
+    vm: Annotated[str, typer.Argument(help="VM id or name")],
+    command: Annotated[list[str] | None, typer.Argument(help="A command to run instead of a shell")] = None,
+    identity: Annotated[
+        Path | None, typer.Option("--identity", "-i", help="Private key (default: ssh's own choice)")
+    ] = None,
+) -> None:
+    """Open an SSH session in a VM with your OpenSSH client (`corral vm ssh myvm`, `corral vm ssh myvm -- ls`)."""
+    import os
+    import shutil
+
+    with _client() as client:
+        vm_id = _resolve(client, vm)
+        info = _check(client.get(f"/v1/vms/{vm_id}/ssh"))
+    if shutil.which("ssh") is None:
+        err.print("[red]ssh (OpenSSH's client) is not installed[/red]")
+        raise typer.Exit(1)
+    known = known_hosts_path()
+    remember_host_key(info, known)
+    argv = ssh_argv(info, known, identity, list(command or []))
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)  # noqa: S606 (ssh takes over the terminal)
