@@ -213,28 +213,23 @@ async def shell(websocket: WebSocket, vm_id: str) -> None:
 
 
 def _shell_request(text: str) -> tuple[str, float]:
+    """A command for the shell: plain text, or ``{"command": ..., "timeout": seconds}``."""
     if len(text) > MAX_MESSAGE:
         raise ValidationFailed("a command is at most 1 MiB")
-    control = _control(text) if text.startswith("{") else None
-    if text.startswith("{") and control is None:
+    command, timeout = text, SHELL_TIMEOUT_S
+    if text.startswith("{"):
         try:
-            parsed = json.loads(text)
+            request = json.loads(text)
         except ValueError:
-            raise ValidationFailed("a JSON message must be an object") from None
-        control = parsed if isinstance(parsed, dict) else None
-        if control is None:
-            raise ValidationFailed("a JSON message must be an object")
-    if control is None:
-        command, timeout = text, SHELL_TIMEOUT_S
-    else:
-        raw_command = control.get("command")
-        raw_timeout = control.get("timeout", SHELL_TIMEOUT_S)
+            raise ValidationFailed("a message starting with { must be a JSON object") from None
+        if not isinstance(request, dict):
+            raise ValidationFailed("a message starting with { must be a JSON object")
+        raw_command, raw_timeout = request.get("command"), request.get("timeout", SHELL_TIMEOUT_S)
         if not isinstance(raw_command, str):
             raise ValidationFailed("command must be a string")
-        command = raw_command
         if not isinstance(raw_timeout, (int, float)) or isinstance(raw_timeout, bool):
             raise ValidationFailed("timeout must be a number of seconds")
-        timeout = float(raw_timeout)
+        command, timeout = raw_command, float(raw_timeout)
         if not 0 < timeout <= MAX_SHELL_TIMEOUT_S:
             raise ValidationFailed(f"timeout must be more than 0 and at most {int(MAX_SHELL_TIMEOUT_S)} s")
     if not command.strip():

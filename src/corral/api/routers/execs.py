@@ -30,8 +30,7 @@ from corral.domain.errors import (
 from corral.node.execution import Exit, Output, shell_argv
 from corral.node.files import FileError, SandboxFiles, normalise, resolve_user
 from corral.node.local import NodeError
-from corral.services import env as env_service
-from corral.services import secrets as secrets_service
+from corral.services.access import command_env
 from corral.services.lifecycle import Lifecycle
 
 router = APIRouter(prefix="/v1/vms", tags=["exec and files"])
@@ -113,11 +112,7 @@ def _prepare(st: StateDep, user_id: str, vm_id: str, body: ExecRequest) -> _Prep
     args = _validated(body)
     with (st.reads or st.sessions)() as session:
         cid = life.running_container(user_id, vm_id, session)
-        env = {
-            **secrets_service.placeholder_env(session, user_id),
-            **env_service.environment_of(session, user_id),
-            **body.env,
-        }
+        env = {**command_env(session, user_id), **body.env}
     prepared = _Prepared(life, cid, args, env, body)
     if body.user is not None:
         try:
