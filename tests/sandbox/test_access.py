@@ -424,3 +424,43 @@ def test_cli_vm_ssh(node: Server, account: Account, vm: dict[str, Any], tmp_path
     known = (tmp_path / ".config" / "corral" / "known_hosts").read_text()
     info = account.client.get(f"/v1/vms/{vm['id']}/ssh").json()
     assert known == f"[127.0.0.1]:{info['port']} {info['host_key']}\n"
+
+
+def count_running(account: Account, vm_id: str, argv: str) -> int:
+    listing = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done"
+    out = run(account.client, vm_id, listing)["stdout"]
+    return sum(1 for line in out.splitlines() if line.strip() == argv)
+
+
+def wait_count(account: Account, vm_id: str, argv: str, expected: int, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while (n := count_running(account, vm_id, argv)) != expected:
+        assert time.monotonic() < end, f"{n} processes {argv!r}, expected {expected}"
+        time.sleep(0.1)
+
+
+def test_leaving_ends_the_session_processes(
+    node: Server, account: Account, vm: dict[str, Any], ssh_info: dict[str, Any]
+) -> None:
+    with terminal(node, vm["id"], account.token) as ws:
+        ws.send(b"sleep 4242\n")
+        wait_count(account, vm["id"], "sleep 4242", 1)
+    wait_count(account, vm["id"], "sleep 4242", 0)  # the client went away: its terminal's commands end
+    proc = subprocess.Popen(
+        ssh_argv(ssh_info, f"{ssh_info['username']}@{ssh_info['host']}", "sleep 4343"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_count(account, vm["id"], "sleep 4343", 1)
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_count(account, vm["id"], "sleep 4343", 0)
+
+
+def test_terminal_bad_size_is_a_clear_error(node: Server, account: Account, vm: dict[str, Any]) -> None:
+    with pytest.raises(InvalidStatus) as denied, terminal(node, vm["id"], account.token, "?cols=wide"):
+        pass
+    assert denied.value.response.status_code == 422
+    assert b"cols must be an integer" in (denied.value.response.body or b"")

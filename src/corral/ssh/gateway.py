@@ -202,8 +202,13 @@ async def _run_process(process: asyncssh.SSHServerProcess[bytes], backend: Backe
     outbound = [asyncio.create_task(_pump_out(session, "stdout", process.stdout))]
     if not session.pty:
         outbound.append(asyncio.create_task(_pump_out(session, "stderr", process.stderr)))
+    exited = asyncio.ensure_future(session.wait())
+    gone = asyncio.ensure_future(process.channel.wait_closed())
     try:
-        code = await session.wait()
+        await asyncio.wait({exited, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not exited.done():  # the client went away first: what it ran ends (below)
+            return
+        code = exited.result()
         _, pending = await asyncio.wait(outbound, timeout=DRAIN_S)
         for task in pending:
             task.cancel()
@@ -215,8 +220,9 @@ async def _run_process(process: asyncssh.SSHServerProcess[bytes], backend: Backe
         log.info("ssh session for %s ended: %s", server.target.vm_id, exc)
         process.exit(255)
     finally:
-        inbound.cancel()
-        for task in outbound:
+        for waiting in (exited, gone):
+            waiting.cancel()
+        for task in (inbound, *outbound):
             task.cancel()
         await session.close()
 
