@@ -324,6 +324,15 @@ def _collect(ws: ClientConnection, needle: bytes, timeout: float = 15.0) -> byte
     return seen
 
 
+def next_text(ws: ClientConnection) -> dict[str, Any]:
+    """The next control message, past the terminal's output."""
+    while True:
+        message = ws.recv(timeout=15)
+        if isinstance(message, str):
+            parsed: dict[str, Any] = json.loads(message)
+            return parsed
+
+
 def test_terminal_websocket(node: Server, account: Account, vm: dict[str, Any]) -> None:
     with terminal(node, vm["id"], account.token, "?cols=90&rows=20") as ws:
         ws.send(b"tty; stty size; echo T-$((5*5))\n")
@@ -338,13 +347,10 @@ def test_terminal_websocket(node: Server, account: Account, vm: dict[str, Any]) 
         )
         out = _collect(ws, b"RD-81")
         assert b"50 150" in out
-        ws.send(b"exit 5\n")
-        end = None
-        while end is None:
-            message = ws.recv(timeout=15)
-            if isinstance(message, str):
-                end = json.loads(message)
-        assert end == {"type": "exit", "exit_code": 5}
+        ws.send(json.dumps({"type": "resize", "cols": "wide"}))
+        assert next_text(ws)["code"] == "validation_error"
+        ws.send(b"sleep 300 & exit 5\n")  # a background process keeps the terminal open: the exit still comes
+        assert next_text(ws) == {"type": "exit", "exit_code": 5}
     assert run(account.client, vm["id"], "cat /root/term.txt")["stdout"] == "R-16\n"
 
 

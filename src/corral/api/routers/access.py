@@ -22,7 +22,7 @@ from corral.services import vms as vms_service
 from corral.services.access import Access
 from corral.services.lifecycle import NodeUnavailable
 from corral.services.shell import BASH, BashSession, Done
-from corral.ssh.gateway import SHELL, Target
+from corral.ssh.gateway import DRAIN_S, SHELL, Target
 
 router = APIRouter(prefix="/v1/vms", tags=["access"])
 VmId = Annotated[str, Path(description="The VM ID")]
@@ -95,6 +95,18 @@ def _int_param(websocket: WebSocket, name: str, default: int) -> int:
     return int(raw)
 
 
+_BAD_CONTROL = {
+    "type": "error",
+    "code": "validation_error",
+    "message": 'control messages: {"type": "resize", "cols": 1-10000, "rows": 1-10000} or '
+    '{"type": "input", "data": "text"}',
+}
+
+
+def _size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 10000
+
+
 def _control(message: str) -> dict[str, Any] | None:
     """A text frame that is a JSON object with a ``type`` is a control message; other text is input."""
     if not message.startswith("{"):
@@ -127,17 +139,28 @@ async def terminal(websocket: WebSocket, vm_id: str) -> None:
         return
     await websocket.accept()
     reader = asyncio.create_task(_terminal_input(websocket, session))
+    writer = asyncio.create_task(_terminal_output(websocket, session))
+    exited = asyncio.ensure_future(session.wait())
     try:
-        while data := await session.read("stdout"):
-            await websocket.send_bytes(data)
-        code = await session.wait()
-        await websocket.send_text(json.dumps({"type": "exit", "exit_code": code}))
-        await websocket.close(1000)
+        await asyncio.wait({exited, reader}, return_when=asyncio.FIRST_COMPLETED)
+        if exited.done() and not reader.done():
+            # what the shell wrote last, even if a background process keeps the terminal open
+            await asyncio.wait({writer}, timeout=DRAIN_S)
+            await websocket.send_text(json.dumps({"type": "exit", "exit_code": exited.result()}))
+            await websocket.close(1000)
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:
-        reader.cancel()
+        for task in (reader, writer):
+            task.cancel()
+        exited.cancel()
         await session.close()
+
+
+async def _terminal_output(websocket: WebSocket, session: Session) -> None:
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        while data := await session.read("stdout"):
+            await websocket.send_bytes(data)
 
 
 def _unavailable(exc: Exception) -> CorralError:
@@ -159,11 +182,13 @@ async def _terminal_input(websocket: WebSocket, session: Session) -> None:
             control = _control(text)
             if control is None:
                 await session.write(text.encode())
-            elif control["type"] == "resize":
-                session.resize(int(control.get("cols") or 80), int(control.get("rows") or 24))
-            elif control["type"] == "input":
-                await session.write(str(control.get("data", "")).encode())
-    await session.close()  # the client went away: end what runs
+            elif control["type"] == "resize" and _size(control.get("cols")) and _size(control.get("rows")):
+                session.resize(control["cols"], control["rows"])
+            elif control["type"] == "input" and isinstance(control.get("data"), str):
+                await session.write(control["data"].encode())
+            else:
+                await websocket.send_text(json.dumps(_BAD_CONTROL))
+    # the client went away: the session is closed (what runs is ended) by the handler
 
 
 @router.websocket("/{vm_id}/shell")
