@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from corral.domain.pricing import DEFAULT_PRICES, Prices, parse_prices
+
 
 def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
@@ -81,6 +83,30 @@ def _choice(env: dict[str, str], name: str, choices: tuple[str, ...], default: s
     return raw
 
 
+def _seconds(env: dict[str, str], name: str, default: float) -> float:
+    """A positive number of seconds (fractions allowed)."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not 0 < value <= 86400:
+        raise SystemExit(f"{name} must be more than 0 and at most 86400 seconds, got {raw!r}")
+    return value
+
+
+def _prices(env: dict[str, str]) -> Prices:
+    raw = (env.get("CORRAL_PRICES") or "").strip()
+    if not raw:
+        return DEFAULT_PRICES
+    try:
+        return parse_prices(raw)
+    except ValueError as exc:
+        raise SystemExit(f"CORRAL_PRICES: {exc}") from None
+
+
 def prepare_data_dir(path: Path) -> None:
     """Create the server's data directory, 0711: others may pass through it (a sandbox's root user must reach
     its root filesystem under ``node/``) but not list it; the database and the secret key in it are 0600."""
@@ -127,6 +153,9 @@ class Settings:
     # where `make install` builds CRIU and crun with libcriu (scripts/build-state-tools); used when present
     tools_prefix: Path = Path("/opt/corral")
     snapshots_dir: Path | None = None  # the local snapshot store; default: <data_dir>/snapshots
+    # accounting (docs/operations.md): how often running VMs' cgroups are sampled, and the price table
+    usage_interval_s: float = 30.0
+    prices: Prices = DEFAULT_PRICES
     # the SSH gateway (docs/operations.md): listen address and port (0: any free port), and the host name
     # `GET /v1/vms/{id}/ssh` tells users to connect to (default: the host name the API was reached at)
     ssh: bool = True
@@ -175,6 +204,8 @@ class Settings:
             egress_dns_port=_int(env, "CORRAL_EGRESS_DNS_PORT", 15053),
             tools_prefix=Path(env.get("CORRAL_TOOLS_PREFIX") or "/opt/corral"),
             snapshots_dir=Path(env["CORRAL_SNAPSHOTS_DIR"]) if env.get("CORRAL_SNAPSHOTS_DIR") else None,
+            usage_interval_s=_seconds(env, "CORRAL_USAGE_INTERVAL_S", 30.0),
+            prices=_prices(env),
             ssh=_flag(env, "CORRAL_SSH", True),
             ssh_listen=env.get("CORRAL_SSH_LISTEN") or "127.0.0.1",
             ssh_port=_port(env, "CORRAL_SSH_PORT", 2222),

@@ -41,6 +41,13 @@ EXTRA_FIELDS = {
     "create_ms",
     "failure_reason",
     "egress",
+    "timeout",
+    "expires_at",
+    "cpu_ms",
+    "mem_peak_bytes",
+    "uptime_ms",
+    "destroy_reason",
+    "destroyed_at",
 }
 VM_FIELDS = REFERENCE_FIELDS | EXTRA_FIELDS
 EXEC_FIELDS = {

@@ -14,7 +14,20 @@ from corral import __version__
 from corral.api import docs, errors, openapi
 from corral.api.deps import AppState
 from corral.api.limits import RequestGuard
-from corral.api.routers import access, audit, auth, egress, env, execs, health, secrets, state, users, vms
+from corral.api.routers import (
+    access,
+    audit,
+    auth,
+    egress,
+    env,
+    execs,
+    health,
+    secrets,
+    state,
+    usage,
+    users,
+    vms,
+)
 from corral.config import Settings, prepare_data_dir
 from corral.domain.clock import Clock, SystemClock
 from corral.domain.ratelimit import Limit, RateLimiter
@@ -64,6 +77,7 @@ def make_lifecycle(
         ),
         pool_size=settings.warm_pool_size,
         reads=reads,
+        usage_interval_s=settings.usage_interval_s,
     )
     saved = StateService(life, LocalSnapshotStore(settings.snapshots_path))
     life.saved_state = saved
@@ -151,7 +165,7 @@ def create_app(
     )
     errors.install(app)
     docs.install(app)
-    for module in (health, users, auth, env, secrets, egress, audit, vms, execs, state, access):
+    for module in (health, users, auth, env, secrets, egress, audit, usage, vms, execs, state, access):
         app.include_router(module.router)
     app.include_router(vms.images_router)
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)

@@ -289,6 +289,11 @@ class VmCreateRequest(Request):
         description="Per-VM egress overrides: its own mode, and rules added to the account's. "
         "Default: the account's policy and rules as they are at each connection.",
     )
+    timeout: int | None = Field(
+        default=None,
+        description="Auto-destroy: the VM is stopped and destroyed this many seconds after it is created "
+        "(1 to 604800). `PATCH /v1/vms/{vm_id}` resets the timer. Default: no timer.",
+    )
 
 
 class SshOut(Response):
@@ -333,6 +338,62 @@ class VmOut(Response):
     create_ms: int | None = Field(default=None, description="Measured time from create to ready, in ms.")
     failure_reason: str | None = Field(default=None, description="Why the VM is `failed`; null otherwise.")
     egress: VmEgressOut | None = Field(default=None, description="The VM's egress overrides, if it has any.")
+    timeout: int | None = Field(default=None, description="Auto-destroy timer in seconds; null: none.")
+    expires_at: Timestamp | None = Field(
+        default=None, description="When the auto-destroy timer fires; null: no timer (or destroyed)."
+    )
+    cpu_ms: int = Field(default=0, description="CPU time used, from the cgroup (as of the last sample).")
+    mem_peak_bytes: int = Field(default=0, description="Most memory in use at once, from the cgroup.")
+    uptime_ms: int = Field(default=0, description="Time spent running, across stops and resumes.")
+    destroy_reason: Literal["api", "timeout"] | None = Field(
+        default=None, description="Why the VM was destroyed: `api` (DELETE) or `timeout` (auto-destroy)."
+    )
+    destroyed_at: Timestamp | None = None
+
+
+class VmTimerRequest(Request):
+    timeout: int | None = Field(
+        default=None,
+        description="New timer in seconds (1 to 604800), kept as the VM's timeout; default: the VM's own.",
+    )
+
+
+class VmHistoryOut(VmOut):
+    cost_cents: float = Field(description="What the VM cost over its life, from the price table.")
+
+
+# --- usage ----------------------------------------------------------------------------------------------
+
+
+class PricesOut(Response):
+    cpu_second_cents: float
+    mem_gib_second_cents: float
+    disk_gib_hour_cents: float
+    egress_gib_cents: float
+
+
+class UsageTotalsOut(Response):
+    cpu_seconds: float = Field(description="CPU time used (cgroup CPU accounting).")
+    mem_gib_seconds: float = Field(description="Memory in use integrated over time (cgroup samples).")
+    disk_gib_hours: float = Field(description="Disk allocated (disk_mib) times the time the VM existed.")
+    egress_bytes: int = Field(description="Bytes through the egress proxy, sent and received.")
+    cost_cents: float = Field(description="From the price table, to a millionth of a cent.")
+
+
+class UsageLineOut(UsageTotalsOut):
+    date: str = Field(examples=["2026-02-28"], description="The UTC day.")
+    vm_id: str
+    vm_name: str | None
+
+
+class UsageOut(Response):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: str = Field(alias="from", examples=["2026-02-01"])
+    to: str = Field(examples=["2026-02-28"])
+    prices: PricesOut
+    data: list[UsageLineOut] = Field(description="One line per day and VM, by day then VM.")
+    total: UsageTotalsOut = Field(description="The sums of the lines.")
 
 
 class ExecRequest(Request):

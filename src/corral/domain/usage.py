@@ -104,16 +104,17 @@ def apportion(total: int, weights: list[int]) -> list[int]:
 def sample(
     meter: Meter, reading: Reading | None, now: datetime, *, running: bool = True
 ) -> tuple[Meter, dict[date, DayUsage]]:
-    """Add what happened since the meter's last sample; ``reading`` None when the cgroup could not be read
-    (gone: no CPU to add, the memory taken as it was at the last sample). ``running`` False ends the meter
-    (the VM stops, hibernates or is destroyed). A meter that is not running adds nothing."""
+    """Add what happened since the meter's last sample. ``running`` False ends the meter (the VM stops,
+    hibernates or fails). ``reading`` None (no cgroup: the sandbox ended unobserved) adds nothing: what
+    happened since the last sample is unknown. A meter that is not running adds nothing."""
     if meter.at is None:
         return meter, {}
+    if reading is None:
+        return (meter if running else replace(meter, at=None)), {}
     spans = day_spans(meter.at, now)
     span_ms = sum(ms for _, ms in spans)
-    cpu_us = 0 if reading is None else counter_delta(meter.cpu_ns, reading.cpu_ns) // 1000
-    mem_now = meter.mem_bytes if reading is None else reading.mem_bytes
-    mem_kib_ms = (meter.mem_bytes + mem_now) * span_ms // (2 * KIB)
+    cpu_us = counter_delta(meter.cpu_ns, reading.cpu_ns) // 1000
+    mem_kib_ms = (meter.mem_bytes + reading.mem_bytes) * span_ms // (2 * KIB)
     weights = [ms for _, ms in spans]
     days: dict[date, DayUsage] = {}
     if spans:
@@ -123,14 +124,13 @@ def sample(
             days[day] = DayUsage(cpu, mem, ms)
     elif cpu_us:  # no time passed (a clock step back): the CPU still counts, on today
         days[now.astimezone(UTC).date()] = DayUsage(cpu_us, 0, 0)
-    peak = max(meter.mem_peak_bytes, 0 if reading is None else max(reading.mem_peak_bytes, mem_now))
     updated = Meter(
         at=now if running else None,
-        cpu_ns=meter.cpu_ns if reading is None else reading.cpu_ns,
-        mem_bytes=mem_now,
+        cpu_ns=reading.cpu_ns,
+        mem_bytes=reading.mem_bytes,
         total_cpu_us=meter.total_cpu_us + cpu_us,
         total_uptime_ms=meter.total_uptime_ms + span_ms,
-        mem_peak_bytes=peak,
+        mem_peak_bytes=max(meter.mem_peak_bytes, reading.mem_peak_bytes, reading.mem_bytes),
     )
     return updated, days
 

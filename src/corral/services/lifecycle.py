@@ -12,19 +12,24 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Protocol
 
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from corral.domain.clock import Clock
-from corral.domain.errors import Conflict, CorralError, NotFound
+from corral.domain.errors import BadRequest, Conflict, CorralError, NotFound
 from corral.domain.ids import Prefix, new_id
 from corral.domain.vm_states import EXECUTABLE, Detail
 from corral.node.local import LocalNode, NodeError, Resources
 from corral.node.pool import PoolKey, WarmPool
 from corral.node.state import NodeState, hibernate_key
+from corral.runtime.cgroup_usage import CgroupUsage, UsageReader
 from corral.runtime.images import Image
 from corral.services import vms
+from corral.services.timers import Timers
+from corral.services.usage import UsageMeter
 from corral.store.db import transaction
 from corral.store.tables import Vm
 
@@ -62,6 +67,12 @@ class StateServiceLike(Protocol):
     def forget_vm(self, cid: str, vm_id: str) -> None: ...
 
 
+# moves before which the sandbox's cgroup is read one last time (it ends, or may have ended)
+_ENDS_SANDBOX = (Detail.STOPPING, Detail.HIBERNATING, Detail.ROLLING_BACK, Detail.FAILED)
+# the states an expired VM is destroyed from (a running one is stopped first); others are mid-operation
+_EXPIRES_FROM = (Detail.READY, Detail.RUNNING, Detail.STOPPED, Detail.FAILED, Detail.HIBERNATED)
+
+
 @dataclass(frozen=True)
 class Reconciled:
     adopted: int
@@ -82,6 +93,8 @@ class Lifecycle:
         pool_size: int = 0,
         workers: int = 8,
         reads: sessionmaker[Session] | None = None,
+        usage_reader: UsageReader | None = None,
+        usage_interval_s: float = 30.0,
     ) -> None:
         self.sessions = sessions
         self.reads = reads or sessions
@@ -107,17 +120,28 @@ class Lifecycle:
             discard=self.node.destroy,
             new_cid=lambda: new_id(Prefix.VM),
         )
+        self.meter = UsageMeter(sessions, clock, usage_reader or CgroupUsage(node.cgroup_parent))
+        self.timers = Timers(
+            clock,
+            expire_due=self.expire_due,
+            next_deadline=self.next_deadline,
+            sample=self.sample_all,
+            sample_interval_s=usage_interval_s,
+        )
 
     # ---- plumbing -------------------------------------------------------------------------------------------
 
-    @contextmanager
-    def _vm_lock(self, vm_id: str) -> Iterator[None]:
+    def _lock_for(self, vm_id: str) -> threading.Lock:
         with self._locks_guard:  # one lock per VM while anyone holds or waits for it, then forgotten
             lock = self._locks.get(vm_id)
             if lock is None:
                 lock = threading.Lock()
                 self._locks[vm_id] = lock
-        with lock:
+        return lock
+
+    @contextmanager
+    def _vm_lock(self, vm_id: str) -> Iterator[None]:
+        with self._lock_for(vm_id):
             yield
 
     def _load(self, vm_id: str) -> Vm:
@@ -128,8 +152,26 @@ class Lifecycle:
         return row
 
     def _move(self, vm_id: str, target: Detail, *expect: Detail, **fields: object) -> bool:
+        """Move the VM (``vms.move``), with the accounting around it: the cgroup read a last time before
+        the sandbox ends, the meter started when the VM is ready; a destroyed VM's time noted."""
+        if target in _ENDS_SANDBOX:
+            self._account(self.meter.end, vm_id)
+        if target is Detail.DESTROYED:
+            fields.setdefault("destroyed_at", self.clock.now())
+            fields.setdefault("expires_at", None)
         with transaction(self.sessions) as session:
-            return vms.move(session, self.clock, vm_id, target, expect=expect or None, **fields)  # type: ignore[arg-type]
+            moved = vms.move(session, self.clock, vm_id, target, expect=expect or None, **fields)  # type: ignore[arg-type]
+        if moved and target is Detail.READY:
+            self._account(self.meter.begin, vm_id)
+        return moved
+
+    @staticmethod
+    def _account(step: Callable[[str], None], vm_id: str) -> None:
+        """Accounting never stands in the way of an operation: a failure is logged."""
+        try:
+            step(vm_id)
+        except Exception:
+            log.exception("accounting for %s failed", vm_id)
 
     def _come_up(self, vm_id: str, *, created: bool = False, **fields: object) -> None:
         """(creating ->) starting -> running -> ready, in one transaction: the sandbox runs, and a command can
@@ -139,6 +181,7 @@ class Lifecycle:
                 vms.move(session, self.clock, vm_id, Detail.STARTING, expect=[Detail.CREATING])
             vms.move(session, self.clock, vm_id, Detail.RUNNING, expect=[Detail.STARTING])
             vms.move(session, self.clock, vm_id, Detail.READY, expect=[Detail.RUNNING], **fields)  # type: ignore[arg-type]
+        self._account(self.meter.begin, vm_id)
 
     def _image(self, name: str) -> Image:
         image = self.node.images.get(name)
@@ -152,8 +195,10 @@ class Lifecycle:
 
     def start_background(self) -> None:
         self.pool.start()
+        self.timers.start()
 
     def close(self) -> None:
+        self.timers.close()
         self.pool.close()
         self._executor.shutdown(wait=True, cancel_futures=False)
         self.node.release()
@@ -182,6 +227,8 @@ class Lifecycle:
             raise
         self._created[row.id] = started
         self._executor.submit(self._hand_over if pooled else self._boot_new, row.id)
+        if row.expires_at is not None:
+            self.timers.poke()
         return row
 
     def _boot_pooled(self, cid: str) -> None:
@@ -262,14 +309,17 @@ class Lifecycle:
             detail = Detail(vm.status_detail)
             if detail not in (Detail.RUNNING, Detail.READY):
                 raise Conflict(f"VM is not running (it is {detail})", code="vm_not_running")
-            self._move(vm_id, Detail.STOPPING, detail)
-            try:
-                self.node.stop(vm.container_id or vm.id)
-            except Exception as exc:
-                self._move(vm_id, Detail.FAILED, Detail.STOPPING, reason=_reason(exc))
-                raise VmFailed(f"VM failed to stop: {_reason(exc)}") from None
-            self._move(vm_id, Detail.STOPPED, Detail.STOPPING)
+            self._stop(vm, detail)
             return self._load(vm_id)
+
+    def _stop(self, vm: Vm, detail: Detail) -> None:
+        self._move(vm.id, Detail.STOPPING, detail)
+        try:
+            self.node.stop(vm.container_id or vm.id)
+        except Exception as exc:
+            self._move(vm.id, Detail.FAILED, Detail.STOPPING, reason=_reason(exc))
+            raise VmFailed(f"VM failed to stop: {_reason(exc)}") from None
+        self._move(vm.id, Detail.STOPPED, Detail.STOPPING)
 
     def destroy(self, user_id: str, vm_id: str) -> None:
         with self._vm_lock(vm_id):
@@ -279,16 +329,109 @@ class Lifecycle:
                 raise Conflict("VM is already destroyed", code="vm_destroyed")
             if detail not in (Detail.STOPPED, Detail.FAILED, Detail.HIBERNATED):
                 raise Conflict("VM must be stopped before it can be destroyed", code="vm_not_stopped")
-            self._move(vm_id, Detail.DESTROYING, detail)
+            self._destroy(vm, detail, "api")
+
+    def _destroy(self, vm: Vm, detail: Detail, reason: str) -> None:
+        """Remove a stopped, failed or hibernated VM's sandbox, disk and saved states; ``reason`` (api or
+        timeout) is kept on the record."""
+        self._move(vm.id, Detail.DESTROYING, detail, destroy_reason=reason)
+        try:
+            if vm.container_id:
+                self.node.destroy(vm.container_id)
+                if self.on_destroy is not None:
+                    self.on_destroy(vm.container_id, vm.id)
+        except Exception as exc:
+            self._move(vm.id, Detail.FAILED, Detail.DESTROYING, reason=_reason(exc))
+            raise VmFailed(f"VM failed to be destroyed: {_reason(exc)}") from None
+        self._move(vm.id, Detail.DESTROYED, Detail.DESTROYING)
+
+    # ---- auto-destroy -----------------------------------------------------------------------------------------
+
+    def reset_timer(self, user_id: str, vm_id: str, timeout: int | None) -> Vm:
+        """The auto-destroy timer set to fire ``timeout`` (else the VM's own timeout) seconds from now."""
+        with self._vm_lock(vm_id):
+            vm = self._owned(user_id, vm_id)
+            if Detail(vm.status_detail) in (Detail.DESTROYED, Detail.DESTROYING):
+                raise Conflict("VM is already destroyed", code="vm_destroyed")
+            seconds = timeout if timeout is not None else vm.timeout
+            if seconds is None:
+                raise BadRequest(
+                    'This VM has no auto-destroy timer: give {"timeout": seconds} to set one',
+                    code="vm_has_no_timeout",
+                )
+            vms.check_timeout(seconds)
+            with transaction(self.sessions) as session:
+                session.execute(
+                    update(Vm)
+                    .where(Vm.id == vm_id)
+                    .values(
+                        timeout=seconds,
+                        expires_at=self.clock.now() + timedelta(seconds=seconds),
+                        updated_at=self.clock.now(),
+                    )
+                )
+        self.timers.poke()
+        return self._load(vm_id)
+
+    def expire_due(self) -> bool:
+        """Stop and destroy every VM whose timer has fired. True when one was in the middle of an
+        operation (it is tried again shortly)."""
+        now = self.clock.now()
+        with self.reads() as session:
+            due = list(
+                session.scalars(
+                    select(Vm.id)
+                    .where(Vm.expires_at.is_not(None), Vm.expires_at <= now)
+                    .order_by(Vm.expires_at)
+                )
+            )
+        retry = False
+        for vm_id in due:
             try:
-                if vm.container_id:
-                    self.node.destroy(vm.container_id)
-                    if self.on_destroy is not None:
-                        self.on_destroy(vm.container_id, vm_id)
-            except Exception as exc:
-                self._move(vm_id, Detail.FAILED, Detail.DESTROYING, reason=_reason(exc))
-                raise VmFailed(f"VM failed to be destroyed: {_reason(exc)}") from None
-            self._move(vm_id, Detail.DESTROYED, Detail.DESTROYING)
+                retry = not self.expire(vm_id) or retry
+            except Exception:
+                log.exception("auto-destroying %s failed", vm_id)
+        return retry
+
+    def expire(self, vm_id: str) -> bool:
+        """Stop and destroy the VM if its timer has fired. False when it is in the middle of an operation."""
+        with self._vm_lock(vm_id):
+            vm = self._load(vm_id)
+            if vm.expires_at is None or vm.expires_at > self.clock.now():
+                return True
+            detail = Detail(vm.status_detail)
+            if detail is Detail.DESTROYED:
+                self._clear_timer(vm_id)
+                return True
+            if detail not in _EXPIRES_FROM:
+                return False
+            log.info("%s: its auto-destroy timer (%s s) fired", vm_id, vm.timeout)
+            if detail in (Detail.READY, Detail.RUNNING):
+                self._stop(vm, detail)
+                detail = Detail.STOPPED
+            self._destroy(vm, detail, "timeout")
+            return True
+
+    def _clear_timer(self, vm_id: str) -> None:
+        with transaction(self.sessions) as session:
+            session.execute(update(Vm).where(Vm.id == vm_id).values(expires_at=None))
+
+    def next_deadline(self) -> datetime | None:
+        with self.reads() as session:
+            return session.scalar(
+                select(func.min(Vm.expires_at)).where(Vm.status_detail != Detail.DESTROYED.value)
+            )
+
+    def sample_all(self) -> None:
+        """The periodic usage sample of every running VM (one busy with an operation is left to it)."""
+        for vm_id in self.meter.running():
+            lock = self._lock_for(vm_id)
+            if not lock.acquire(blocking=False):
+                continue
+            try:
+                self._account(self.meter.sample, vm_id)
+            finally:
+                lock.release()
 
     def _owned(self, user_id: str, vm_id: str) -> Vm:
         with self.reads() as session:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -54,6 +54,15 @@ class NewVm:
     snapshot_id: str | None = None
     egress_mode: str | None = None
     egress_rules: tuple[tuple[str | None, str | None], ...] | None = None  # (host, cidr) pairs
+    timeout: int | None = None  # auto-destroy after this many seconds
+
+
+MAX_TIMEOUT_S = 7 * 24 * 3600
+
+
+def check_timeout(seconds: int) -> int:
+    """An auto-destroy timeout: 1 second to 7 days."""
+    return _check_range("timeout", seconds, 1, MAX_TIMEOUT_S)
 
 
 def vm_not_found(vm_id: str) -> NotFound:
@@ -92,6 +101,7 @@ def validate_new(new: NewVm, limits: ResourceLimits) -> NewVm:
         new.snapshot_id,
         new.egress_mode,
         _egress_rules(new.egress_rules),
+        None if new.timeout is None else check_timeout(new.timeout),
     )
 
 
@@ -148,6 +158,8 @@ def create_vm(session: Session, clock: Clock, user_id: str, new: NewVm, *, vm_id
         if not new.egress_rules
         else json.dumps([{"host": h} if h is not None else {"cidr": c} for h, c in new.egress_rules]),
         container_id=vm_id,  # a pooled sandbox runs already: reconciliation must know it is this VM's
+        timeout=new.timeout,
+        expires_at=None if new.timeout is None else now + timedelta(seconds=new.timeout),
         created_at=now,
         updated_at=now,
     )

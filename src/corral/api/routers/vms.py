@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Body, Path, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from corral.api.deps import PrincipalDep, StateDep
 from corral.api.routers.common import AUTHED, Cursor, Limit, SortOrder, errors
-from corral.api.schemas import ImageOut, ListEnvelope, VmCreateRequest, VmOut
+from corral.api.schemas import (
+    ImageOut,
+    ListEnvelope,
+    VmCreateRequest,
+    VmHistoryOut,
+    VmOut,
+    VmTimerRequest,
+)
+from corral.domain import usage as usage_math
 from corral.domain.errors import InvalidParameter, NotFound, ValidationFailed
 from corral.domain.ids import Prefix, has_prefix
 from corral.domain.pagination import page_request
+from corral.domain.pricing import cents
 from corral.domain.vm_states import Detail, Status, status_of
-from corral.services import vms
+from corral.services import usage, vms
 from corral.services.lifecycle import Lifecycle, NodeUnavailable
 from corral.store.tables import Vm
 
@@ -29,28 +39,40 @@ def lifecycle_of(st: StateDep) -> Lifecycle:
     return st.lifecycle
 
 
-def vm_out(row: Vm) -> VmOut:
+def vm_out(row: Vm, now: datetime | None = None) -> VmOut:
+    return VmOut.model_validate(vm_fields(row, now))
+
+
+def vm_fields(row: Vm, now: datetime | None = None) -> dict[str, object]:
     detail = Detail(row.status_detail)
-    return VmOut.model_validate(
-        {
-            "id": row.id,
-            "name": row.name,
-            "status": status_of(detail).value,
-            "status_detail": detail.value,
-            "created_at": row.created_at,
-            "updated_at": row.updated_at,
-            "image": row.image,
-            "vcpus": row.vcpus,
-            "mem_mib": row.mem_mib,
-            "disk_mib": row.disk_mib,
-            "snapshot_id": row.snapshot_id,
-            "create_ms": row.create_ms,
-            "failure_reason": row.failure_reason if detail is Detail.FAILED else None,
-            "egress": None
-            if row.egress_mode is None and not row.egress_rules
-            else {"mode": row.egress_mode, "rules": vms.egress_rules_of(row)},
-        }
-    )
+    meter = usage.meter_of(row)
+    return {
+        "id": row.id,
+        "name": row.name,
+        "status": status_of(detail).value,
+        "status_detail": detail.value,
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
+        "image": row.image,
+        "vcpus": row.vcpus,
+        "mem_mib": row.mem_mib,
+        "disk_mib": row.disk_mib,
+        "snapshot_id": row.snapshot_id,
+        "create_ms": row.create_ms,
+        "failure_reason": row.failure_reason if detail is Detail.FAILED else None,
+        "egress": None
+        if row.egress_mode is None and not row.egress_rules
+        else {"mode": row.egress_mode, "rules": vms.egress_rules_of(row)},
+        "timeout": row.timeout,
+        "expires_at": row.expires_at,
+        "cpu_ms": row.cpu_us // 1000,
+        "mem_peak_bytes": row.mem_peak_bytes,
+        "uptime_ms": usage_math.uptime_ms(meter, now or row.updated_at)
+        if meter.at is not None
+        else meter.total_uptime_ms,
+        "destroy_reason": row.destroy_reason if detail is Detail.DESTROYED else None,
+        "destroyed_at": row.destroyed_at if detail is Detail.DESTROYED else None,
+    }
 
 
 @router.post(
@@ -93,6 +115,7 @@ def create_vm(body: VmCreateRequest, who: PrincipalDep, st: StateDep) -> VmOut:
             snapshot_id=body.snapshot_id,
             egress_mode=body.egress.mode if body.egress else None,
             egress_rules=tuple((r.host, r.cidr) for r in body.egress.rules) if body.egress else None,
+            timeout=body.timeout,
         ),
         life.limits,
     )
@@ -141,14 +164,65 @@ def list_vms(
             detail=_enum(Detail, "status_detail", status_detail),
             name=name,
         )
-        data = [vm_out(row) for row in page.data]
+        now = st.services.clock.now()
+        data = [vm_out(row, now) for row in page.data]
     return ListEnvelope[VmOut](data=data, has_more=page.has_more, cursor=page.cursor)
+
+
+@router.get(
+    "/history",
+    response_model=ListEnvelope[VmHistoryOut],
+    summary="List destroyed VMs",
+    description="Your destroyed VMs, most recently destroyed first (`sort`: destroyed_at or created_at), "
+    "each with what it used (`cpu_ms`, `mem_peak_bytes`, `uptime_ms`), what it cost (`cost_cents`, from "
+    "the price table: see GET /v1/usage) and why it ended (`destroy_reason`). `limit` defaults to 20, at "
+    "most 100.",
+    responses=errors(*AUTHED),
+)
+def list_history(
+    who: PrincipalDep,
+    st: StateDep,
+    cursor: Cursor = None,
+    limit: Limit = None,
+    sort: Annotated[str | None, Query(description="destroyed_at or created_at")] = None,
+    order: SortOrder = None,
+) -> ListEnvelope[VmHistoryOut]:
+    request = page_request(usage.HISTORY, limit=limit, cursor=cursor, sort=sort, order=order)
+    now = st.services.clock.now()
+    with (st.reads or st.sessions)() as session:
+        page = usage.list_history(session, who.user_id, request)
+        costs = usage.lifetime_costs(session, who.user_id, page.data, st.settings.prices, now)
+        data = [
+            VmHistoryOut.model_validate({**vm_fields(row, now), "cost_cents": cents(costs[row.id])})
+            for row in page.data
+        ]
+    return ListEnvelope[VmHistoryOut](data=data, has_more=page.has_more, cursor=page.cursor)
 
 
 @router.get("/{vm_id}", response_model=VmOut, summary="Get a VM", responses=errors(*AUTHED, 404))
 def get_vm(vm_id: VmId, who: PrincipalDep, st: StateDep) -> VmOut:
     with (st.reads or st.sessions)() as session:
-        return vm_out(vms.get_vm(session, who.user_id, vm_id))
+        return vm_out(vms.get_vm(session, who.user_id, vm_id), st.services.clock.now())
+
+
+@router.patch(
+    "/{vm_id}",
+    response_model=VmOut,
+    summary="Reset the auto-destroy timer",
+    description="Sets `expires_at` to now plus `timeout` seconds (kept as the VM's new timeout), or plus "
+    "the VM's own timeout when the body or its `timeout` is left out. A VM without a timer needs "
+    "`timeout` (400 `vm_has_no_timeout`); a destroyed VM answers 409 `vm_destroyed`.",
+    responses=errors(*AUTHED, 404, 409, 422),
+)
+async def reset_timer(
+    vm_id: VmId,
+    who: PrincipalDep,
+    st: StateDep,
+    body: Annotated[VmTimerRequest | None, Body()] = None,
+) -> VmOut:
+    life = lifecycle_of(st)
+    row = await run_in_threadpool(life.reset_timer, who.user_id, vm_id, body.timeout if body else None)
+    return vm_out(row, st.services.clock.now())
 
 
 @router.delete(
