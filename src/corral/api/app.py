@@ -22,6 +22,7 @@ from corral.api.routers import (
     env,
     execs,
     health,
+    proxy,
     secrets,
     state,
     usage,
@@ -165,7 +166,7 @@ def create_app(
     )
     errors.install(app)
     docs.install(app)
-    for module in (health, users, auth, env, secrets, egress, audit, usage, vms, execs, state, access):
+    for module in (health, users, auth, env, secrets, egress, audit, usage, vms, execs, state, access, proxy):
         app.include_router(module.router)
     app.include_router(vms.images_router)
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)

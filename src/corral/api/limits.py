@@ -2,6 +2,8 @@
 
 - a body over the size limit answers 400 ``request_too_large``, whether it announces its length or is sent
   chunked (a chunked body is read up to the limit first, then handed on);
+- except where the body is streamed on, of any size: file uploads (to the sandbox's disk) and the guest port
+  proxy (to the server inside the VM);
 - a NUL character in the path or the query string answers 400 ``invalid_parameter`` (no database stores it).
 """
 
@@ -31,6 +33,7 @@ def _has_nul(scope: Scope) -> bool:
 
 
 STREAMED_UPLOAD = re.compile(r"/v1/vms/[^/]+/files/upload")
+GUEST_PROXY = re.compile(r"/v1/vms/[^/]+/proxy/.*")  # streamed to the server inside the VM, any size
 
 
 class RequestGuard:
@@ -47,6 +50,9 @@ class RequestGuard:
             return
         if scope.get("method") == "POST" and STREAMED_UPLOAD.fullmatch(scope.get("path", "")):
             await self.app(scope, receive, send)  # file uploads are streamed to disk, any size
+            return
+        if GUEST_PROXY.fullmatch(scope.get("path", "")):
+            await self.app(scope, receive, send)
             return
         length = None
         for name, value in scope.get("headers", []):

@@ -19,6 +19,7 @@ import ipaddress
 import os
 import socket
 import threading
+from collections.abc import Callable
 from types import TracebackType
 
 from corral.node.local import NodeError
@@ -67,6 +68,7 @@ class GuestNamespace:
         if pid <= 0:
             raise SandboxGone("the sandbox has no init process")
         self.pid = pid
+        self._lock = threading.Lock()  # the directory is never closed while another thread opens under it
         try:
             self._dir: int | None = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -86,10 +88,11 @@ class GuestNamespace:
             os.close(fd)
 
     def _open(self, name: str) -> int:
-        if self._dir is None:
-            raise SandboxGone("the sandbox is not running")
         try:
-            return os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir)
+            with self._lock:
+                if self._dir is None:
+                    raise SandboxGone("the sandbox is not running")
+                return os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ESRCH):
                 raise SandboxGone("the sandbox is not running") from None
@@ -115,9 +118,10 @@ class GuestNamespace:
             os.close(ns)
 
     def close(self) -> None:
-        if self._dir is not None:
-            os.close(self._dir)
-            self._dir = None
+        with self._lock:
+            if self._dir is not None:
+                os.close(self._dir)
+                self._dir = None
 
     def __enter__(self) -> GuestNamespace:
         return self
@@ -188,3 +192,66 @@ async def open_guest_connection(
     except BaseException:
         sock.close()
         raise
+
+
+class SandboxDialer:
+    """Connections into sandboxes by container id. The namespace handle of each sandbox is kept (one open
+    ``/proc/<pid>`` directory, which does not keep the namespace alive) so that a connection costs no
+    runtime call; a handle whose process has exited is replaced by asking ``pid_of`` again (a VM that was
+    stopped and started, resumed or rolled back has a new init), and dropped when its sandbox is gone."""
+
+    def __init__(self, pid_of: Callable[[str], int | None]) -> None:
+        self._pid_of = pid_of
+        self._handles: dict[str, GuestNamespace] = {}
+        self._lock = threading.Lock()
+
+    def connect(self, cid: str, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
+        """A blocking socket connected to ``host:port`` in sandbox ``cid`` (blocks: call it from a thread)."""
+        guest_address(host, port)
+        for fresh in (False, True):
+            handle = self._handle(cid, fresh=fresh)
+            try:
+                return handle.connect(host, port, timeout)
+            except SandboxGone:
+                self._forget(cid, handle)
+        raise SandboxGone("the sandbox is not running")
+
+    async def open(
+        self,
+        cid: str,
+        host: str,
+        port: int,
+        timeout: float = CONNECT_TIMEOUT,  # noqa: ASYNC109 - the connect's
+    ) -> socket.socket:
+        return await asyncio.to_thread(self.connect, cid, host, port, timeout)
+
+    def _handle(self, cid: str, *, fresh: bool) -> GuestNamespace:
+        with self._lock:
+            handle = self._handles.get(cid)
+        if handle is not None and not fresh:
+            return handle
+        pid = self._pid_of(cid)
+        if pid is None:
+            raise SandboxGone("the sandbox is not running")
+        handle = GuestNamespace(pid, cgroup=cid)
+        with self._lock:
+            old = self._handles.pop(cid, None)
+            dead = [key for key, h in self._handles.items() if not h.alive()]
+            for key in dead:
+                self._handles.pop(key).close()
+            self._handles[cid] = handle
+        if old is not None and old is not handle:
+            old.close()
+        return handle
+
+    def _forget(self, cid: str, handle: GuestNamespace) -> None:
+        with self._lock:
+            if self._handles.get(cid) is handle:
+                del self._handles[cid]
+        handle.close()
+
+    def close(self) -> None:
+        with self._lock:
+            handles, self._handles = list(self._handles.values()), {}
+        for handle in handles:
+            handle.close()

@@ -1,0 +1,166 @@
+"""What the guest port proxy changes on the way in and out (pure functions on raw ASGI headers):
+
+- to the guest: hop-by-hop headers (and those ``Connection`` names) are dropped, and so are the caller's
+  ``Authorization`` and ``Proxy-Authorization``; ``Host`` is the address the guest listens on
+  (``127.0.0.1:<port>``); ``X-Forwarded-For`` gets the client's address appended, ``X-Forwarded-Host``,
+  ``-Proto`` and ``-Prefix`` say where the caller came from; the ``token`` query parameter (an API key)
+  is removed from the query;
+- to the client: hop-by-hop headers and ``Date`` (the API server adds its own) are dropped; a ``Location``
+  on the guest's own address or an absolute path is moved under the proxy's prefix, as a reverse proxy
+  mounted on a path does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from urllib.parse import quote, unquote_to_bytes
+
+GUEST_HOST = "127.0.0.1"
+WS_MAX_MESSAGE = 16 * 1024 * 1024  # as uvicorn's default for the client side
+
+Headers = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_NOT_FORWARDED = frozenset(
+    {b"authorization", b"host", b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-prefix"}
+)
+# the WebSocket library makes its own handshake headers
+_WS_HANDSHAKE = frozenset({b"content-length", b"user-agent", b"origin"})
+
+# close codes a close frame may carry (RFC 6455 7.4, and the private range)
+_SENDABLE = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015)})
+
+
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    return {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+        if token.strip()
+    }
+
+
+def without_hop_by_hop(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
+    drop = HOP_BY_HOP | _connection_tokens(headers)
+    return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+def proxy_prefix(vm_id: str, port: int) -> str:
+    return f"/v1/vms/{quote(vm_id, safe='')}/proxy/{port}"
+
+
+def guest_target(raw_path: bytes | None, path: str, query: bytes) -> bytes:
+    """The request target for the guest: the part of the raw path after ``/proxy/<port>`` (its escapes kept
+    as the client sent them), and the query without ``token``."""
+    if raw_path is not None and raw_path.count(b"/") >= 6:
+        rest = b"/" + raw_path.split(b"/", 6)[6]
+    else:
+        rest = b"/" + quote(path, safe="/:@!$&'()*+,;=-._~").encode()
+    kept = [
+        part for part in query.split(b"&") if part and unquote_to_bytes(part.split(b"=", 1)[0]) != b"token"
+    ]
+    return rest + (b"?" + b"&".join(kept) if kept else b"")
+
+
+def _forwarded(
+    headers: Sequence[tuple[bytes, bytes]], client: str | None, scheme: str, prefix: str
+) -> Headers:
+    original_host = next((v for n, v in headers if n.lower() == b"host"), b"")
+    earlier = [v for n, v in headers if n.lower() == b"x-forwarded-for"]
+    chain = b", ".join([*earlier, client.encode()] if client else earlier)
+    out: Headers = [(b"x-forwarded-for", chain)] if chain else []
+    if original_host:
+        out.append((b"x-forwarded-host", original_host))
+    out.append((b"x-forwarded-proto", b"https" if scheme in ("https", "wss") else b"http"))
+    out.append((b"x-forwarded-prefix", prefix.encode()))
+    return out
+
+
+def request_headers(
+    headers: Sequence[tuple[bytes, bytes]],
+    *,
+    port: int,
+    client: str | None,
+    scheme: str,
+    prefix: str,
+    chunked: bool,
+) -> Headers:
+    """The headers of the request to the guest. ``chunked``: the body is sent chunked (the client sent it
+    so, or without a length)."""
+    kept = [
+        (name.lower(), value)
+        for name, value in without_hop_by_hop(headers)
+        if name.lower() not in _NOT_FORWARDED and name.lower() != b"x-forwarded-for"
+    ]
+    out: Headers = [(b"host", f"{GUEST_HOST}:{port}".encode()), *kept]
+    if chunked:
+        out = [(n, v) for n, v in out if n != b"content-length"] + [(b"transfer-encoding", b"chunked")]
+    return out + _forwarded(headers, client, scheme, prefix)
+
+
+def websocket_headers(
+    headers: Sequence[tuple[bytes, bytes]], *, client: str | None, scheme: str, prefix: str
+) -> list[tuple[str, str]]:
+    """The extra headers of the WebSocket handshake with the guest (the library adds Host, Upgrade and the
+    Sec-WebSocket-* headers itself)."""
+    kept = [
+        (name.lower(), value)
+        for name, value in without_hop_by_hop(headers)
+        if name.lower() not in _NOT_FORWARDED
+        and name.lower() not in _WS_HANDSHAKE
+        and name.lower() != b"x-forwarded-for"
+        and not name.lower().startswith(b"sec-websocket-")
+    ]
+    return [
+        (n.decode("latin-1"), v.decode("latin-1"))
+        for n, v in kept + _forwarded(headers, client, scheme, prefix)
+    ]
+
+
+def _location(value: bytes, port: int, prefix: str) -> bytes:
+    for origin in (f"http://{GUEST_HOST}:{port}", f"http://localhost:{port}"):
+        raw = origin.encode()
+        if value == raw or value.startswith(raw + b"/") or value.startswith(raw + b"?"):
+            value = value[len(raw) :] or b"/"
+            break
+    if (
+        value.startswith(b"/")
+        and not value.startswith(b"//")
+        and not value.startswith(prefix.encode() + b"/")
+    ):
+        return prefix.encode() + value
+    return value
+
+
+def response_headers(headers: Sequence[tuple[bytes, bytes]], *, port: int, prefix: str) -> Headers:
+    """The guest's answer's headers as the client gets them."""
+    out: Headers = []
+    for name, value in without_hop_by_hop(headers):
+        lower = name.lower()
+        if lower == b"date":
+            continue
+        out.append((lower, _location(value, port, prefix) if lower == b"location" else value))
+    return out
+
+
+def sendable_close_code(code: int, *, abnormal: int) -> int:
+    """A close code the other side can be sent: 1005 (none given) is a normal close; codes no close frame
+    may carry (1006 lost connection, 1015 TLS, unassigned ones) become ``abnormal``."""
+    if code == 1005:
+        return 1000
+    if code in _SENDABLE or 3000 <= code <= 4999:
+        return code
+    return abnormal
