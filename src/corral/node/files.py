@@ -17,6 +17,9 @@ from datetime import UTC, datetime
 from corral.runtime.syscalls import file_identity, openat2
 
 CHUNK = 256 * 1024
+ID_COUNT = 65536  # ids a sandbox's user namespace maps: 0..65535 inside, offset by its root's host id
+NOBODY = 65534  # how an id the sandbox does not map shows inside (the kernel's overflow id)
+UMASK = 0o022  # new files and directories made by the primitives below: the mode asked for, less this
 
 
 class FileError(Exception):
@@ -58,6 +61,24 @@ def _translate(exc: OSError, path: str) -> FileError:
     }
     kind, message = kinds.get(exc.errno or 0, ("invalid", f"{path}: {exc.strerror}"))
     return FileError(kind, message)
+
+
+@dataclass(frozen=True)
+class AttrChange:
+    """Attributes to change (``None`` leaves one as it is); ``uid``/``gid`` as seen inside the sandbox."""
+
+    size: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    mode: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+def _proc_fd(fd: int) -> str:
+    """The path of our own ``fd``: operating through it reaches exactly the inode the fd holds (how an
+    O_PATH fd found in the sandbox's root is changed without resolving anything on the host)."""
+    return f"/proc/self/fd/{fd}"
 
 
 def _split(path: str) -> tuple[str, str]:
@@ -220,6 +241,212 @@ class SandboxFiles:
             if len(data) > limit:
                 break
         return data[:limit]
+
+    # ---- confined primitives for protocol servers (SFTP) -------------------------------------------------
+    # Paths are absolute sandbox paths, resolved in the root by openat2 like the rest; an operation on a
+    # last component that must not be followed resolves the PARENT and acts on the name with ``dir_fd``
+    # (never on ``.`` or ``..``: those would step out of the directory fd unconfined). Failures are OSError
+    # with the errno, for the caller to map (FileError ``not_running`` when the sandbox is gone). Changes are
+    # made with the sandbox root's identity (``file_identity``, in the calling thread): new names are its.
+
+    # ---- ids -------------------------------------------------------------------------------------------
+
+    def inside_uid(self, host: int) -> int:
+        return host - self.uid if 0 <= host - self.uid < ID_COUNT else NOBODY
+
+    def inside_gid(self, host: int) -> int:
+        return host - self.gid if 0 <= host - self.gid < ID_COUNT else NOBODY
+
+    def host_ids(self, uid: int | None, gid: int | None) -> tuple[int, int]:
+        """Host ids for ids inside the sandbox (-1: unchanged); EINVAL outside 0..65535."""
+        for inside in (uid, gid):
+            if inside is not None and not 0 <= inside < ID_COUNT:
+                raise OSError(errno.EINVAL, f"ids inside a sandbox are 0-{ID_COUNT - 1}, not {inside}")
+        return (-1 if uid is None else self.uid + uid, -1 if gid is None else self.gid + gid)
+
+    # ---- resolution ------------------------------------------------------------------------------------
+
+    def open_fd(self, path: str, flags: int, mode: int = 0) -> int:
+        root = self._root()
+        try:
+            return openat2(root, path, flags, mode)
+        finally:
+            os.close(root)
+
+    @contextlib.contextmanager
+    def parent(self, path: str) -> Iterator[tuple[int, str]]:
+        """(O_PATH fd of the directory holding ``path``'s last component, that name)."""
+        parent, name = _split(path)
+        if name in ("", ".", ".."):
+            raise OSError(errno.EINVAL, "the path names no entry of a directory", path)
+        dfd = self.open_fd(parent, os.O_PATH | os.O_DIRECTORY)
+        try:
+            yield dfd, name
+        finally:
+            os.close(dfd)
+
+    def stat(self, path: str, *, follow: bool = True) -> os.stat_result:
+        fd = self.open_fd(path, os.O_PATH | (0 if follow else os.O_NOFOLLOW))
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+
+    def statvfs(self, path: str) -> os.statvfs_result:
+        fd = self.open_fd(path, os.O_PATH)
+        try:
+            return os.statvfs(fd)
+        finally:
+            os.close(fd)
+
+    # ---- files -----------------------------------------------------------------------------------------
+
+    def _reopen(self, path: str, flags: int) -> int:
+        """Open the existing regular file ``path``: found with O_PATH, checked, then reopened through our
+        own fd, so a FIFO or device node in the sandbox is never opened from the host."""
+        pfd = self.open_fd(path, os.O_PATH)
+        try:
+            mode = os.fstat(pfd).st_mode
+            if not stat.S_ISREG(mode):
+                raise OSError(
+                    errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL, "not a regular file", path
+                )
+            return os.open(_proc_fd(pfd), flags | os.O_NOCTTY | os.O_CLOEXEC)
+        finally:
+            os.close(pfd)
+
+    def open_file(self, path: str, flags: int, mode: int = 0o666) -> int:
+        """An fd of the regular file ``path`` opened with ``flags`` (O_RDONLY/O_WRONLY/O_RDWR with O_APPEND,
+        O_CREAT, O_EXCL, O_TRUNC as in open(2)); a file it creates belongs to the sandbox's root and has
+        ``mode`` less UMASK. Anything but a regular file is refused (EISDIR, EINVAL)."""
+        create, exclusive = flags & os.O_CREAT, flags & os.O_EXCL
+        base = flags & ~(os.O_CREAT | os.O_EXCL)
+        for _attempt in range(3):  # exists / does not exist may change in between: try again
+            if not exclusive:
+                try:
+                    return self._reopen(path, base)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+            try:
+                with file_identity(self.uid, self.gid):
+                    fd = self.open_fd(path, base | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                if exclusive:
+                    raise
+                continue  # made meanwhile, or a dangling symbolic link (handled below)
+            try:
+                os.fchmod(fd, mode & 0o7777 & ~UMASK)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        # a dangling symbolic link: create its target, resolved in the root like everything else
+        with file_identity(self.uid, self.gid):
+            fd = self.open_fd(path, base | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY, mode & 0o7777 & ~UMASK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+        return fd
+
+    def set_attrs(self, path: str, change: AttrChange, *, follow: bool = True) -> None:
+        fd = self.open_fd(path, os.O_PATH | (0 if follow else os.O_NOFOLLOW))
+        try:
+            self.set_fd_attrs(fd, change)
+        finally:
+            os.close(fd)
+
+    def set_fd_attrs(self, fd: int, change: AttrChange) -> None:
+        """Change what ``change`` names on the inode ``fd`` holds (size, owner, then mode: a chown clears
+        set-id bits, then times)."""
+        target = _proc_fd(fd)
+        with file_identity(self.uid, self.gid):
+            if change.size is not None:
+                os.truncate(target, change.size)
+            if change.uid is not None or change.gid is not None:
+                os.chown(target, *self.host_ids(change.uid, change.gid))
+            if change.mode is not None:
+                os.chmod(target, change.mode & 0o7777)
+            if change.atime_ns is not None or change.mtime_ns is not None:
+                now = os.fstat(fd)
+                atime = now.st_atime_ns if change.atime_ns is None else change.atime_ns
+                mtime = now.st_mtime_ns if change.mtime_ns is None else change.mtime_ns
+                os.utime(target, ns=(atime, mtime))
+
+    # ---- names -----------------------------------------------------------------------------------------
+
+    def entries(self, dir_fd: int, path: str) -> tuple[tuple[str, os.stat_result], ...]:
+        """``.``, ``..`` and every entry (not followed) of the directory open at ``dir_fd`` (its ``path``
+        finds ``..``), by name; entries gone meanwhile are skipped."""
+        found = [(".", os.fstat(dir_fd))]
+        with contextlib.suppress(OSError):
+            found.append(("..", self.stat(path.rstrip("/") + "/..")))
+        for name in sorted(os.listdir(dir_fd)):
+            with contextlib.suppress(OSError):
+                found.append((name, os.stat(name, dir_fd=dir_fd, follow_symlinks=False)))
+        return tuple(found)
+
+    def mkdir(self, path: str, mode: int = 0o777) -> None:
+        with self.parent(path) as (dfd, name), file_identity(self.uid, self.gid):
+            os.mkdir(name, 0o700, dir_fd=dfd)
+            fd = openat2(dfd, name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                os.chmod(_proc_fd(fd), mode & 0o7777 & ~UMASK)
+            finally:
+                os.close(fd)
+
+    def rmdir(self, path: str) -> None:
+        with self.parent(path) as (dfd, name), file_identity(self.uid, self.gid):
+            os.rmdir(name, dir_fd=dfd)
+
+    def unlink(self, path: str) -> None:
+        with self.parent(path) as (dfd, name), file_identity(self.uid, self.gid):
+            os.unlink(name, dir_fd=dfd)
+
+    def rename(self, old: str, new: str, *, replace: bool) -> None:
+        """Rename ``old`` to ``new``; without ``replace`` an existing ``new`` is EEXIST (a hard link then
+        unlink makes that atomic for everything but directories, as OpenSSH's sftp-server does)."""
+        with (
+            self.parent(old) as (odfd, oname),
+            self.parent(new) as (ndfd, nname),
+            file_identity(self.uid, self.gid),
+        ):
+            if not replace:
+                try:
+                    os.link(oname, nname, src_dir_fd=odfd, dst_dir_fd=ndfd, follow_symlinks=False)
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                        raise
+                    try:  # a directory, or no hard links there: check, then rename
+                        os.stat(nname, dir_fd=ndfd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        pass
+                    else:
+                        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), new) from None
+                else:
+                    os.unlink(oname, dir_fd=odfd)
+                    return
+            os.rename(oname, nname, src_dir_fd=odfd, dst_dir_fd=ndfd)
+
+    def symlink(self, target: bytes, path: str) -> None:
+        """A symbolic link at ``path`` holding ``target`` verbatim (it is resolved by whoever follows it:
+        in the sandbox, or in its root by these primitives)."""
+        with self.parent(path) as (dfd, name), file_identity(self.uid, self.gid):
+            os.symlink(target, os.fsencode(name), dir_fd=dfd)
+
+    def link(self, old: str, new: str) -> None:
+        """A hard link ``new`` to ``old`` itself (a symbolic link is not followed)."""
+        with (
+            self.parent(old) as (odfd, oname),
+            self.parent(new) as (ndfd, nname),
+            file_identity(self.uid, self.gid),
+        ):
+            os.link(oname, nname, src_dir_fd=odfd, dst_dir_fd=ndfd, follow_symlinks=False)
+
+    def readlink(self, path: str) -> bytes:
+        with self.parent(path) as (dfd, name):
+            return os.readlink(os.fsencode(name), dir_fd=dfd)
 
 
 def _kind(mode: int) -> str:
