@@ -59,6 +59,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
             authorized_client_keys=authorized,
             sftp_factory=sftp,
+            sftp_version=6,  # OpenSSH asks for 3; asyncssh clients may use 6 (open56, precise statuses)
         )
     )
     port = server.sockets[0].getsockname()[1]
@@ -189,6 +190,7 @@ def test_directory_commands_and_listing(box: Sandbox) -> None:
             "pwd",
             "cd d",
             "pwd",
+            "df /",
         )
     )
     d = box.root / "root" / "d"
@@ -207,6 +209,7 @@ def test_directory_commands_and_listing(box: Sandbox) -> None:
     assert any(line.startswith("l") and line.endswith(" pw") for line in out.splitlines())
     assert "Remote working directory: /root\n" in out
     assert "Remote working directory: /root/d\n" in out
+    assert "%Capacity" in out  # statvfs@openssh.com
     ok(box.sftp("rm d/pw", "rm d/hard.txt", "rm d/b.txt", "rmdir d/e", "rmdir d"))
     assert not d.exists()
 
@@ -303,3 +306,55 @@ def test_paths_and_flags() -> None:
     )
     assert open_flags(asyncssh.FXF_READ | asyncssh.FXF_WRITE | asyncssh.FXF_APPEND) == os.O_RDWR | os.O_APPEND
     assert open_flags(asyncssh.FXF_READ) == os.O_RDONLY
+
+
+# ---- an SFTP v6 client: the status codes a v3 client cannot tell apart -----------------------------------
+
+
+def test_v6_client_gets_precise_statuses(box: Sandbox) -> None:
+    home = box.root / "root"
+    (home / "a").write_text("a")
+    (home / "b").write_text("b")
+    (home / "dir").mkdir()
+    (home / "dir" / "x").write_text("x")
+    (home / "other").mkdir()
+    (home / "ln").symlink_to("../../../etc/shadow")
+
+    async def session() -> None:
+        async with (
+            asyncssh.connect(
+                "127.0.0.1",
+                box.gateway.port,
+                username=box.user,
+                client_keys=[str(box.gateway.key)],
+                known_hosts=None,
+            ) as conn,
+            conn.start_sftp_client(sftp_version=6) as sftp,
+        ):
+            with pytest.raises(asyncssh.SFTPFileAlreadyExists):
+                await sftp.rename("a", "b")  # the standard rename never replaces
+            with pytest.raises(asyncssh.SFTPFileAlreadyExists):
+                await sftp.rename("dir", "other")
+            await sftp.rename("dir", "moved")  # a directory, where hard links cannot do it
+            with pytest.raises(asyncssh.SFTPDirNotEmpty):
+                await sftp.rmdir("moved")
+            with pytest.raises(asyncssh.SFTPNoSuchFile):
+                await sftp.stat("/nothing")
+            with pytest.raises(asyncssh.SFTPFileIsADirectory):
+                await sftp.remove("moved")
+            assert await sftp.readlink("ln") == "../../../etc/shadow"
+            async with sftp.open("new", "x") as f:  # open56: create-new
+                await f.write("made")
+            with pytest.raises(asyncssh.SFTPFileAlreadyExists):
+                await sftp.open("new", "x")
+            async with sftp.open("new", "a") as f:
+                await f.write("+more")
+            assert (await sftp.statvfs("/")).namemax > 0
+
+    asyncio.run(session())
+    assert (home / "a").read_text() == "a"
+    assert (home / "b").read_text() == "b"
+    assert (home / "moved" / "x").exists()
+    assert (home / "other").is_dir()
+    assert (home / "new").read_text() == "made+more"
+    assert (home / "new").stat().st_uid == OFFSET
