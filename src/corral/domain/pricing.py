@@ -60,10 +60,10 @@ def cents(micro_cents: int) -> float:
 
 
 def parse_prices(raw: str) -> Prices:
-    """A price table from ``CORRAL_PRICES``: JSON text (starting with ``{``) or a file path. Keys left out
+    """A price table from ``CORRAL_PRICES``: JSON text (starting with ``{``) or the path of a JSON file. Keys left out
     keep their default. Raises ValueError with a message that says what is wrong."""
     text = raw.strip()
-    if not text.startswith("{"):
+    if not text.startswith(("{", "[")):
         try:
             text = Path(text).read_text()
         except OSError as exc:

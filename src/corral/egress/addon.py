@@ -11,14 +11,18 @@ before the decision):
   switch hosts unchecked).
 - anything else (or TLS without SNI): raw TCP, by the destination address (CIDR rules) or by the name the
   sandbox resolved through Corral's DNS to that address.
-Addresses of the platform (other sandboxes, the gateway, loopback, link-local) are refused in every mode."""
+Addresses of the platform (other sandboxes, the gateway, loopback, link-local) are refused in every mode.
+
+The bytes of every allowed connection are counted as they pass (``count_bytes``: up from the sandbox, down
+to it, TLS and HTTP framing included); the event of an allowed connection, or of an HTTP request, is sent
+again with the bytes it carried when the connection closes or the next request on it is decided."""
 
 from __future__ import annotations
 
 import logging
 import re
 from collections.abc import Awaitable, Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -31,6 +35,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from corral.domain.egress_policy import Decision, Forbidden, is_ip_literal, normalise_host, split_host_port
+from corral.domain.ids import Prefix, new_id
 from corral.egress.dns import NameMemory, Resolver, UpstreamError
 from corral.egress.inject import Injector
 from corral.egress.state import VmEntry
@@ -79,12 +84,50 @@ def audit_event(
 
 
 @dataclass
+class Traffic:
+    """Bytes of one connection so far, and the allowed event they are counted for since ``mark``."""
+
+    up: int = 0
+    down: int = 0
+    event: NewEvent | None = None
+    mark: tuple[int, int] = (0, 0)
+
+    def settle(self) -> NewEvent | None:
+        """The open event with the bytes since its mark (None when there is none); the next starts here."""
+        event, self.event = self.event, None
+        if event is None:
+            return None
+        up, down = self.up - self.mark[0], self.down - self.mark[1]
+        self.mark = (self.up, self.down)
+        return replace(event, bytes_up=up, bytes_down=down)
+
+
+@dataclass
 class Conn:
     vm: VmEntry
     protocol: str  # http | tls | tcp
     sni: str | None = None
     intercepted: bool = False
     port: int = 0
+    traffic: Traffic = field(default_factory=Traffic)
+
+
+def count_bytes(chosen: layer.Layer, traffic: Traffic) -> layer.Layer:
+    """``chosen`` (the top layer of a connection) counting every byte received from either side before it
+    handles it: the top layer sees every event of the connection, for the client and every server."""
+    inner = chosen.handle_event
+    client = chosen.context.client
+
+    def handle_event(event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.DataReceived):
+            if event.connection is client:
+                traffic.up += len(event.data)
+            else:
+                traffic.down += len(event.data)
+        return inner(event)
+
+    chosen.handle_event = handle_event  # type: ignore[method-assign]
+    return chosen
 
 
 class TopLevelOnly(NextLayer):
@@ -136,6 +179,9 @@ class EgressAddon:
     def client_disconnected(self, client: Client) -> None:
         conn = self.conns.pop(client.id, None)
         if conn is not None:
+            counted = conn.traffic.settle()
+            if counted is not None:
+                self.audit(counted)
             left = self.open_per_vm.get(conn.vm.vm_id, 1) - 1
             if left > 0:
                 self.open_per_vm[conn.vm.vm_id] = left
@@ -143,12 +189,28 @@ class EgressAddon:
                 self.open_per_vm.pop(conn.vm.vm_id, None)
 
     def _record(
-        self, vm: VmEntry, protocol: str, decision: Decision, host: str | None, address: str | None
+        self,
+        vm: VmEntry,
+        protocol: str,
+        decision: Decision,
+        host: str | None,
+        address: str | None,
+        conn: Conn | None = None,
     ) -> None:
+        """Audit a decision. On a connection (``conn``), the event before it is sent again with its bytes,
+        and an allowed one stays open for the bytes that follow."""
         if host is not None and is_ip_literal(host):  # an address given as a name is recorded as one
             address = host.strip("[]")
             host = None
-        self.audit(audit_event(vm, protocol, decision, host, address, self.now()))
+        event = audit_event(vm, protocol, decision, host, address, self.now())
+        if conn is not None:
+            counted = conn.traffic.settle()
+            if counted is not None:
+                self.audit(counted)
+            if decision.allowed:
+                event = replace(event, id=new_id(Prefix.EGRESS_EVENT))
+                conn.traffic.event = event
+        self.audit(event)
 
     async def _address_of(self, name: str) -> str | None:
         """The address the proxy connects to for ``name``: its own resolution, never a platform address."""
@@ -228,7 +290,7 @@ class EgressAddon:
             return
         if _HTTP_START.match(data):
             conn.protocol = "http"
-            nextlayer.layer = layers.HttpLayer(ctx, HTTPMode.transparent)
+            nextlayer.layer = count_bytes(layers.HttpLayer(ctx, HTTPMode.transparent), conn.traffic)
             return
         if len(data) < MAX_REQUEST_LINE and _HTTP_PREFIX.match(data):
             return  # perhaps a request line not complete yet: wait for the rest
@@ -241,7 +303,7 @@ class EgressAddon:
         address = await self._address_of(sni) if decision.allowed else None
         if decision.allowed and address is None:
             decision = Decision(decision.verdict, False, decision.mode)  # unresolvable, or a platform address
-        self._record(vm, "tls", decision, sni, None)
+        self._record(vm, "tls", decision, sni, None, conn)
         if not decision.allowed:
             nextlayer.layer = _Refuse(ctx)
             return
@@ -252,17 +314,19 @@ class EgressAddon:
             conn.intercepted = True
             server_tls = layers.ServerTLSLayer(ctx)
             server_tls.child_layer = layers.ClientTLSLayer(ctx)
-            nextlayer.layer = server_tls
+            nextlayer.layer = count_bytes(server_tls, conn.traffic)
         else:
-            nextlayer.layer = layers.TCPLayer(ctx, ignore=True)
+            nextlayer.layer = count_bytes(layers.TCPLayer(ctx, ignore=True), conn.traffic)
 
     def _raw(self, nextlayer: layer.NextLayer, conn: Conn, protocol: str, dst: str, port: int) -> None:
         ctx, vm = nextlayer.context, conn.vm
         conn.protocol = protocol
         name = self.memory.name_for(vm.vm_id, dst)
         decision = vm.policy.decide(host=name, address=dst)
-        self._record(vm, protocol, decision, name, dst)
-        nextlayer.layer = layers.TCPLayer(ctx, ignore=True) if decision.allowed else _Refuse(ctx)
+        self._record(vm, protocol, decision, name, dst, conn)
+        nextlayer.layer = (
+            count_bytes(layers.TCPLayer(ctx, ignore=True), conn.traffic) if decision.allowed else _Refuse(ctx)
+        )
 
     # ---- HTTP requests ----------------------------------------------------------------------------------------
 
@@ -294,7 +358,7 @@ class EgressAddon:
             authority and name is not None and split_host_port(authority) != name
         ):
             # a tunnel request, or a request line naming another host than its Host header: never forwarded
-            self._record(vm, "http", Decision("denied", False, vm.policy.mode), name, None)
+            self._record(vm, "http", Decision("denied", False, vm.policy.mode), name, None, conn)
             self._refuse_request(flow, 403)
             return
         if conn.intercepted:
@@ -302,7 +366,7 @@ class EgressAddon:
             decision = vm.policy.decide(host=conn.sni)
             if name != conn.sni:
                 decision = Decision("denied", False, decision.mode)
-            self._record(vm, "http", decision, name or conn.sni, None)
+            self._record(vm, "http", decision, name or conn.sni, None, conn)
             if not decision.allowed:
                 self._refuse_request(flow, 421)
                 return
@@ -320,7 +384,7 @@ class EgressAddon:
             decision = vm.policy.decide(address=dst)
             if dst in self.forbidden:
                 decision = Decision(decision.verdict, False, decision.mode)
-            self._record(vm, "http", decision, None, dst)
+            self._record(vm, "http", decision, None, dst, conn)
             if not decision.allowed:
                 self._refuse_request(flow, 403)
             return
@@ -328,7 +392,7 @@ class EgressAddon:
         address = await self._address_of(name) if decision.allowed else None
         if decision.allowed and address is None:
             decision = Decision(decision.verdict, False, decision.mode)
-        self._record(vm, "http", decision, name, None)
+        self._record(vm, "http", decision, name, None, conn)
         if not decision.allowed or address is None:
             self._refuse_request(flow, 403)
             return

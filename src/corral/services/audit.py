@@ -1,4 +1,8 @@
-"""The egress audit trail: written in batches by the egress proxy, read by ``GET /v1/audit/egress``."""
+"""The egress audit trail: written in batches by the egress proxy, read by ``GET /v1/audit/egress``.
+
+An allowed connection's (or HTTP request's) event is written when it is decided, with its ID chosen by the
+proxy; when the connection ends (or the next request on it is decided) the proxy sends the event again with
+the bytes it carried, and the row is updated (``bytes_up``/``bytes_down``, summed by ``GET /v1/usage``)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from corral.domain.errors import InvalidParameter
@@ -37,6 +41,9 @@ class NewEvent:
     verdict: str
     allowed: bool
     mode: str
+    id: str | None = None  # chosen by the proxy when the event will be sent again with its bytes
+    bytes_up: int | None = None
+    bytes_down: int | None = None
 
 
 def network_bounds(cidr: str) -> tuple[str, str]:
@@ -52,31 +59,44 @@ def normalise_host(host: str) -> str:
 
 
 def record(session: Session, events: Iterable[NewEvent]) -> list[str]:
-    """Insert a batch of events in one statement; returns their IDs."""
-    rows: list[dict[str, Any]] = []
+    """Insert a batch of events in one statement; an event whose ID is already stored updates its byte
+    counts (within a batch, the last event of an ID wins). Returns the IDs."""
+    rows: dict[str, dict[str, Any]] = {}
     for ev in events:
         if ev.protocol not in PROTOCOLS or ev.verdict not in VERDICTS or ev.mode not in MODES:
             raise ValueError(f"bad audit event: {ev}")
         lo, hi = network_bounds(ev.cidr) if ev.cidr else (None, None)
-        rows.append(
-            {
-                "id": new_id(Prefix.EGRESS_EVENT),
-                "user_id": ev.user_id,
-                "timestamp": ev.timestamp,
-                "vm_id": ev.vm_id,
-                "host": normalise_host(ev.host) if ev.host else None,
-                "cidr": str(ipaddress.ip_network(ev.cidr, strict=False)) if ev.cidr else None,
-                "net_lo": lo,
-                "net_hi": hi,
-                "protocol": ev.protocol,
-                "verdict": ev.verdict,
-                "allowed": ev.allowed,
-                "mode": ev.mode,
-            }
+        ident = ev.id or new_id(Prefix.EGRESS_EVENT)
+        rows[ident] = {
+            "id": ident,
+            "user_id": ev.user_id,
+            "timestamp": ev.timestamp,
+            "vm_id": ev.vm_id,
+            "host": normalise_host(ev.host) if ev.host else None,
+            "cidr": str(ipaddress.ip_network(ev.cidr, strict=False)) if ev.cidr else None,
+            "net_lo": lo,
+            "net_hi": hi,
+            "protocol": ev.protocol,
+            "verdict": ev.verdict,
+            "allowed": ev.allowed,
+            "mode": ev.mode,
+            "bytes_up": ev.bytes_up,
+            "bytes_down": ev.bytes_down,
+        }
+    chosen = [i for i, ev in rows.items() if ev["bytes_up"] is not None]
+    stored = (
+        set(session.scalars(select(EgressEvent.id).where(EgressEvent.id.in_(chosen)))) if chosen else set()
+    )
+    for ident in stored:
+        row = rows.pop(ident)
+        session.execute(
+            update(EgressEvent)
+            .where(EgressEvent.id == ident)
+            .values(bytes_up=row["bytes_up"], bytes_down=row["bytes_down"])
         )
     if rows:
-        session.execute(insert(EgressEvent), rows)
-    return [r["id"] for r in rows]
+        session.execute(insert(EgressEvent), list(rows.values()))
+    return list(rows) + sorted(stored)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,126 @@
+"""The accounting's store half (``corral.services.usage.UsageMeter``) with a fake cgroup reader and clock, and
+egress events sent again with their bytes (``corral.services.audit.record``), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from corral.domain.clock import FakeClock
+from corral.domain.ids import Prefix, new_id
+from corral.domain.pricing import DEFAULT_PRICES
+from corral.domain.usage import GIB, Reading
+from corral.services import audit
+from corral.services.usage import UsageMeter, report
+from corral.store.db import transaction
+from corral.store.tables import EgressEvent, User, Vm, VmUsageDay
+
+
+class FakeReader:
+    def __init__(self) -> None:
+        self.readings: dict[str, Reading] = {}
+
+    def read(self, cid: str) -> Reading | None:
+        return self.readings.get(cid)
+
+
+def _user_and_vm(sessions: sessionmaker[Session], now: datetime) -> tuple[str, str]:
+    uid, vm_id = new_id(Prefix.USER), new_id(Prefix.VM)
+    with transaction(sessions) as s:
+        s.add(
+            User(
+                id=uid,
+                first_name="U",
+                last_name="Sage",
+                email=f"{uid}@example.com",
+                password_hash="x",
+                created_at=now,
+            )
+        )
+        s.flush()
+        s.add(
+            Vm(
+                id=vm_id,
+                user_id=uid,
+                name=vm_id,
+                public_key="k",
+                status_detail="ready",
+                image="debian:bookworm",
+                vcpus=1,
+                mem_mib=1024,
+                disk_mib=1024,
+                container_id=vm_id,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    return uid, vm_id
+
+
+def test_the_meter_keeps_totals_and_days_across_restarts(sessions: sessionmaker[Session]) -> None:
+    clock = FakeClock(datetime(2026, 5, 1, 23, 59, 30, tzinfo=UTC))
+    reader = FakeReader()
+    uid, vm_id = _user_and_vm(sessions, clock.now())
+    meter = UsageMeter(sessions, clock, reader)
+    reader.readings[vm_id] = Reading(cpu_ns=7_000_000_000, mem_bytes=GIB, mem_peak_bytes=GIB)
+    meter.begin(vm_id)
+    assert vm_id in meter.running()
+    clock.advance(60)  # across midnight
+    reader.readings[vm_id] = Reading(9_000_000_000, GIB, 2 * GIB)
+    meter.sample(vm_id)
+    clock.advance(10)
+    reader.readings[vm_id] = Reading(9_500_000_000, GIB, 2 * GIB)
+    meter.end(vm_id)  # stopped
+    clock.advance(1000)
+    meter.sample(vm_id)  # not running: nothing added
+    reader.readings[vm_id] = Reading(250_000_000, GIB // 2, GIB // 2)  # started again: a new cgroup
+    meter.begin(vm_id)
+    meter.begin(vm_id)  # already running: kept
+    clock.advance(20)
+    reader.readings[vm_id] = Reading(1_250_000_000, GIB // 2, GIB // 2)
+    meter.end(vm_id)
+    with sessions() as s:
+        vm = s.get(Vm, vm_id)
+        assert vm is not None
+        assert vm.meter_at is None
+        assert vm.uptime_ms == 90_000
+        assert vm.mem_peak_bytes == 2 * GIB
+        days = {row.day: row for row in s.scalars(select(VmUsageDay).where(VmUsageDay.vm_id == vm_id))}
+    assert set(days) == {date(2026, 5, 1), date(2026, 5, 2)}
+    assert sum(d.uptime_ms for d in days.values()) == 90_000
+    assert days[date(2026, 5, 1)].uptime_ms == 30_000
+    # 2 s + 0.5 s before the stop; after the restart, what the new cgroup used before it was ready (0.25 s,
+    # the boot) is not counted, the 1 s after it is
+    assert vm.cpu_us == 2_500_000 + 1_000_000
+    assert sum(d.cpu_us for d in days.values()) == vm.cpu_us
+    with sessions() as s:
+        rep = report(s, uid, date(2026, 5, 1), date(2026, 5, 2), DEFAULT_PRICES, clock.now())
+    assert sum(x.cpu_seconds for x in rep.lines) == 3.5
+    # 70 s at 1 GiB + 20 s at 0.5 GiB
+    assert round(sum(x.mem_gib_seconds for x in rep.lines), 6) == 80.0
+
+
+def test_an_event_sent_again_gets_its_bytes(sessions: sessionmaker[Session]) -> None:
+    now = datetime(2026, 5, 3, 12, tzinfo=UTC)
+    uid, vm_id = _user_and_vm(sessions, now)
+    ident = new_id(Prefix.EGRESS_EVENT)
+    decided = audit.NewEvent(
+        uid, now, vm_id, "example.org", None, "tls", "allowed", True, "enforce", id=ident
+    )
+    with transaction(sessions) as s:
+        audit.record(s, [decided])
+    with transaction(sessions) as s:
+        audit.record(s, [audit.NewEvent(**{**decided.__dict__, "bytes_up": 10, "bytes_down": 20})])
+    # decided and counted in one batch, plus one more event of the same connection's next request
+    other = new_id(Prefix.EGRESS_EVENT)
+    first = audit.NewEvent(uid, now, vm_id, "example.org", None, "http", "allowed", True, "enforce", id=other)
+    with transaction(sessions) as s:
+        audit.record(s, [first, audit.NewEvent(**{**first.__dict__, "bytes_up": 1, "bytes_down": 2})])
+    with sessions() as s:
+        rows = {
+            r.id: (r.bytes_up, r.bytes_down, r.protocol)
+            for r in s.scalars(select(EgressEvent).where(EgressEvent.vm_id == vm_id))
+        }
+    assert rows == {ident: (10, 20, "tls"), other: (1, 2, "http")}
