@@ -470,3 +470,48 @@ def test_terminal_bad_size_is_a_clear_error(node: Server, account: Account, vm: 
         pass
     assert denied.value.response.status_code == 422
     assert b"cols must be an integer" in (denied.value.response.body or b"")
+
+
+def test_scp_and_sftp_both_ways(
+    ssh_info: dict[str, Any], account: Account, vm: dict[str, Any], tmp_path: Path
+) -> None:
+    import hashlib
+
+    target = f"{ssh_info['username']}@{ssh_info['host']}"
+    local = tmp_path / "up.bin"
+    local.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    local.chmod(0o640)
+    digest = hashlib.sha256(local.read_bytes()).hexdigest()
+    up = subprocess.run(
+        [*ssh_argv(ssh_info, "-p", tool="scp"), str(local), f"{target}:/root/scp-up.bin"],
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    seen = run(account.client, vm["id"], "sha256sum /root/scp-up.bin; stat -c '%a %u:%g' /root/scp-up.bin")
+    assert seen["stdout"].split()[0] == digest
+    assert seen["stdout"].splitlines()[1] == "640 0:0"  # the mode kept, owned by root inside
+    run(account.client, vm["id"], "mkdir -p /root/tree/sub && echo deep > /root/tree/sub/f.txt")
+    down = subprocess.run(
+        [*ssh_argv(ssh_info, "-r", tool="scp"), f"{target}:/root/tree", str(tmp_path / "tree")],
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert down.returncode == 0, down.stderr
+    assert (tmp_path / "tree" / "sub" / "f.txt").read_text() == "deep\n"
+
+    batch = tmp_path / "batch"
+    batch.write_text(
+        f"mkdir /root/sftp-dir\nput {local} /root/sftp-dir/in.bin\nrename /root/sftp-dir/in.bin /root/sftp-dir/moved.bin\n"
+        f"symlink /etc/hostname /root/sftp-dir/host-link\nget /root/sftp-dir/host-link {tmp_path / 'hostname'}\n"
+        f"get /root/sftp-dir/moved.bin {tmp_path / 'back.bin'}\nls -l /root/sftp-dir\n"
+    )
+    done = subprocess.run(
+        [*ssh_argv(ssh_info, "-b", str(batch), tool="sftp"), target],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert hashlib.sha256((tmp_path / "back.bin").read_bytes()).hexdigest() == digest
+    # the link resolved inside the sandbox: its hostname, not the host's
+    assert (tmp_path / "hostname").read_text() == run(account.client, vm["id"], "cat /etc/hostname")["stdout"]
+    assert run(account.client, vm["id"], "ls /root/sftp-dir")["stdout"].split() == ["host-link", "moved.bin"]

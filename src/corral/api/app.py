@@ -43,6 +43,7 @@ from corral.services.lifecycle import Lifecycle
 from corral.services.state import StateService
 from corral.services.vms import ResourceLimits
 from corral.ssh.gateway import SshGateway, load_or_create_host_key
+from corral.ssh.sftp import SandboxSFTP
 from corral.store.db import make_engine, migrate, read_session_factory, session_factory
 
 log = logging.getLogger("corral")
@@ -123,7 +124,7 @@ def create_app(
             life.start_background()
         if life is not None and settings.ssh:
             gateway = SshGateway(
-                Access(life, reads).ssh_backend(), load_or_create_host_key(settings.data_dir), sftp=None
+                Access(life, reads).ssh_backend(), load_or_create_host_key(settings.data_dir), sftp=SandboxSFTP
             )
             await gateway.start(settings.ssh_listen, settings.ssh_port)
             app.state.corral.ssh = gateway
