@@ -48,7 +48,7 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RES
     fd = _libc.syscall(
         SYS_OPENAT2,
         ctypes.c_int(dirfd),
-        ctypes.c_char_p(path.encode()),
+        ctypes.c_char_p(os.fsencode(path)),  # names that are not UTF-8 arrive as surrogate escapes
         ctypes.byref(how),
         ctypes.sizeof(how),
     )
