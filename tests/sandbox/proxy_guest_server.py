@@ -7,6 +7,8 @@ Listens on 127.0.0.1:PORT and appends one JSON line per request to LOG (method, 
 - ``/upload``: reads the body as it comes (length or chunked), answers its size and SHA-256;
 - ``/download?size=N[&chunked=1]``: N bytes of a repeated 1 MiB pattern (bytes 0..255), with a length or
   chunked;
+- ``/broken[?chunked=1]``: the head and 5 bytes of the body, then the connection closes;
+- ``/hangup``: no answer at all, the connection closes;
 - ``/redirect``: 302 to ``/echo?from=redirect``;
 - ``/ws``: a WebSocket echo (text and binary); a text ``close:CODE`` makes it close with CODE.
 """
@@ -92,6 +94,22 @@ class Handler(BaseHTTPRequestHandler):
             return
         if route == "/download":
             self._download(int(query["size"]), query.get("chunked") == "1")
+            return
+        if route == "/broken":  # the head and part of the body, then the connection is cut
+            self.send_response(200)
+            if query.get("chunked") == "1":
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(b"5\r\nhello\r\n")
+            else:
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b"hello")
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        if route == "/hangup":  # the request is read, the connection closed without an answer
+            self.close_connection = True
             return
         if route == "/redirect":
             self.send_response(302)

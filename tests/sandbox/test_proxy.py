@@ -204,6 +204,17 @@ def test_a_large_upload_is_streamed(node: Server, owner: Account, vm: dict[str, 
     assert resp.json() == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def test_an_answer_the_guest_breaks_off_never_looks_complete(owner: Account, vm: dict[str, Any]) -> None:
+    for chunked in ("0", "1"):
+        with owner.client.stream("GET", proxied(vm["id"], "/broken"), params={"chunked": chunked}) as resp:
+            assert resp.status_code == 200
+            with pytest.raises(httpx.RemoteProtocolError):
+                resp.read()
+    hangup = owner.client.get(proxied(vm["id"], "/hangup"))
+    assert hangup.status_code == 502
+    assert hangup.json()["error"]["code"] == "upstream_unreachable"
+
+
 # ---- who may, and what fails ----------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from corral.node.guestnet import (
     GuestNetError,
     GuestUnreachable,
     InvalidGuestAddress,
+    SandboxDialer,
     SandboxGone,
     guest_address,
     guest_socket,
@@ -141,3 +142,66 @@ def test_asyncio_streams(other_ns: tuple[int, int]) -> None:
         return data
 
     assert asyncio.run(talk()) == b"ns:async"
+
+
+def _echo_in_new_namespace() -> tuple[subprocess.Popen[bytes], int]:
+    proc = subprocess.Popen(
+        ["unshare", "--net", "sh", "-c", f"ip link set lo up && exec {sys.executable} -c '{_ECHO}'"],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+def _cgroup_segment(pid: int) -> str:
+    """A path segment of the process's cgroups (what the dialer checks a sandbox's init against)."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        segments = [line.rsplit("/", 1)[-1] for line in f.read().splitlines()]
+    found = [s for s in segments if s]
+    assert found, "this test needs the test process to be in a cgroup other than the root"
+    return found[0]
+
+
+def test_the_dialer_keeps_a_handle_and_follows_a_new_init() -> None:
+    first, port1 = _echo_in_new_namespace()
+    second: subprocess.Popen[bytes] | None = None
+    asked: list[str] = []
+    current: dict[str, int | None] = {"pid": first.pid}
+
+    def pid_of(cid: str) -> int | None:
+        asked.append(cid)
+        return current["pid"]
+
+    cid = _cgroup_segment(first.pid)
+    dialer = SandboxDialer(pid_of)
+    try:
+        for _ in range(3):
+            with dialer.connect(cid, "127.0.0.1", port1, 2.0) as sock:
+                sock.sendall(b"x")
+                assert sock.recv(10) == b"ns:x"
+        assert asked == [cid]  # one runtime question for three connections
+        # the sandbox's init is replaced (a VM stopped and started again): the old handle is found dead
+        first.kill()
+        first.wait()
+        second, port2 = _echo_in_new_namespace()
+        current["pid"] = second.pid
+        with dialer.connect(cid, "127.0.0.1", port2, 2.0) as sock:
+            sock.sendall(b"y")
+            assert sock.recv(10) == b"ns:y"
+        assert asked == [cid, cid]
+        with pytest.raises(GuestUnreachable):
+            dialer.connect(cid, "127.0.0.1", port2 + 1 if port2 < 65535 else port2 - 1, 2.0)
+        # a PID whose process is not in the sandbox's cgroup is refused
+        with pytest.raises(SandboxGone):
+            dialer.connect("not-this-sandbox", "127.0.0.1", port2, 2.0)
+        current["pid"] = None
+        second.kill()
+        second.wait()
+        with pytest.raises(SandboxGone):
+            dialer.connect(cid, "127.0.0.1", port2, 2.0)
+    finally:
+        dialer.close()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -41,6 +42,7 @@ from corral.api.routers.common import AUTHED, errors
 from corral.api.routers.vms import lifecycle_of
 from corral.domain.errors import Conflict, CorralError, InvalidParameter
 from corral.node.guestnet import GuestUnreachable, SandboxDialer, SandboxGone
+from corral.services.lifecycle import Lifecycle
 
 router = APIRouter(prefix="/v1/vms", tags=["proxy"])
 VmId = Annotated[str, Path(description="The VM ID")]
@@ -83,13 +85,15 @@ for _status in (502, 504):
     }
 
 
+_dialers: weakref.WeakKeyDictionary[Lifecycle, SandboxDialer] = weakref.WeakKeyDictionary()
+
+
 def dialer_of(st: AppState) -> SandboxDialer:
     """The app's dialer into sandboxes (one per lifecycle, made on first use)."""
     life = lifecycle_of(st)
-    dialer = getattr(life, "_proxy_dialer", None)
-    if not isinstance(dialer, SandboxDialer):
-        dialer = SandboxDialer(life.node.pid)
-        life._proxy_dialer = dialer  # type: ignore[attr-defined]
+    dialer = _dialers.get(life)
+    if dialer is None:
+        dialer = _dialers.setdefault(life, SandboxDialer(life.node.pid))
     return dialer
 
 
