@@ -5,6 +5,7 @@ its own mounts), never on the host. New files and directories belong to the sand
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import re
@@ -99,6 +100,12 @@ class SandboxFiles:
     @classmethod
     def at(cls, root_dir: str, uid: int, gid: int) -> SandboxFiles:
         return cls(0, uid, gid, root_dir)
+
+    def pinned(self) -> tuple[SandboxFiles, int]:
+        """The same files with the sandbox's root held open now (the fd, for the caller to close when done):
+        a long session keeps reaching this root, never whatever process later gets the same PID."""
+        fd = self._root()
+        return dataclasses.replace(self, root_dir=f"/proc/self/fd/{fd}"), fd
 
     def _root(self) -> int:
         try:

@@ -4,6 +4,7 @@ placeholders)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from sqlalchemy.orm import Session as DbSession
@@ -11,6 +12,7 @@ from sqlalchemy.orm import sessionmaker
 
 from corral.domain.errors import Conflict
 from corral.domain.vm_states import Detail
+from corral.node.files import FileError, SandboxFiles
 from corral.node.interactive import Pty, Session
 from corral.node.local import NodeError
 from corral.services import env as env_service
@@ -45,11 +47,22 @@ class Access:
         """The caller's running VM (404 for another user's or an unknown one, 409 when not running)."""
         with self.reads() as session:
             cid = self.life.running_container(user_id, vm_id, session)
+        target = Target(vm_id, user_id, cid)
+        os.close(self.files(target)[1])
+        return target
+
+    def files(self, target: Target) -> tuple[SandboxFiles, int]:
+        """The VM's files as it runs now, with its root held open (the fd, for the caller to close); checked
+        after the opening to still be the VM's init, so a PID reused meanwhile is never reached."""
         try:
-            files = self.life.node.files(cid)
-        except NodeError:
+            files = self.life.node.files(target.cid)
+            pinned, root = files.pinned()
+        except (NodeError, FileError):
             raise Conflict("VM is not running", code="vm_not_running") from None
-        return Target(vm_id, user_id, cid, files)
+        if self.life.node.pid(target.cid) != files.pid:
+            os.close(root)
+            raise Conflict("VM is not running", code="vm_not_running")
+        return pinned, root
 
     async def start(
         self, target: Target, args: Sequence[str], extra: dict[str, str], pty: Pty | None
@@ -78,4 +91,4 @@ class Access:
                 return unusable(Detail(vm.status_detail) if vm is not None else Detail.DESTROYED)
 
     def ssh_backend(self) -> Backend:
-        return Backend(self.ssh_key, self.ssh_target, self.start)
+        return Backend(self.ssh_key, self.ssh_target, self.start, self.files)

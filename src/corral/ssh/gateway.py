@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import cast
 import asyncssh
 from asyncssh.forward import SSHForwarder
 
+from corral.domain.errors import CorralError
 from corral.domain.vm_states import Detail
 from corral.node.files import SandboxFiles
 from corral.node.guestnet import GuestUnreachable, guest_socket
@@ -38,12 +40,11 @@ DRAIN_S = 1.0  # after the command's exit, how long output left in the pipes may
 
 @dataclass(frozen=True)
 class Target:
-    """A running VM an SSH connection is logged into."""
+    """A VM an SSH connection is logged into (running when it logged in)."""
 
     vm_id: str
     user_id: str
     cid: str
-    files: SandboxFiles
 
 
 class Backend:
@@ -55,10 +56,13 @@ class Backend:
         find_key: Callable[[str], tuple[str, str] | None],
         target: Callable[[str, str], Target | str],
         start: Callable[[Target, list[str], dict[str, str], Pty | None], Awaitable[Session]],
+        files: Callable[[Target], tuple[SandboxFiles, int]],
     ) -> None:
         self.find_key = find_key  # vm id -> (user id, public key) of a VM that is not destroyed, else None
         self.target = target  # (user id, vm id) -> the running VM, or why it cannot be used now
         self.start = start  # start a command in a VM: argv, extra environment, terminal
+        # the VM's files as it runs now, its root held open (the fd, to close), checked to be the VM's
+        self.files = files
 
 
 def load_or_create_host_key(data_dir: Path) -> asyncssh.SSHKey:
@@ -132,12 +136,19 @@ class _Server(asyncssh.SSHServer):
 
     async def _forward(self, target: Target, port: int) -> SSHForwarder:
         try:
-            sock = await asyncio.to_thread(guest_socket, target.files.pid, "127.0.0.1", port, 5.0)
-        except GuestUnreachable as exc:
+            sock = await asyncio.to_thread(self._guest_socket, target, port)
+        except (GuestUnreachable, CorralError) as exc:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
         loop = asyncio.get_running_loop()
         _, peer = await loop.create_connection(SSHForwarder, sock=sock)
         return SSHForwarder(peer)
+
+    def _guest_socket(self, target: Target, port: int) -> socket.socket:
+        files, root = self.backend.files(target)  # the VM's init now (it may have been restarted)
+        try:
+            return guest_socket(files.pid, "127.0.0.1", port, 5.0)
+        finally:
+            os.close(root)
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         return False  # no listening on the host for a sandbox (-R)
@@ -232,7 +243,10 @@ class SshGateway:
         self,
         backend: Backend,
         host_key: asyncssh.SSHKey,
-        sftp: Callable[[asyncssh.SSHServerChannel[bytes], SandboxFiles], asyncssh.SFTPServer] | None,
+        sftp: Callable[
+            [asyncssh.SSHServerChannel[bytes], SandboxFiles, Callable[[], None]], asyncssh.SFTPServer
+        ]
+        | None,
     ) -> None:
         self.backend = backend
         self.host_key = host_key
@@ -255,7 +269,8 @@ class SshGateway:
             assert isinstance(server, _Server)
             assert server.target is not None
             assert self.sftp is not None
-            return self.sftp(chan, server.target.files)
+            files, root = self.backend.files(server.target)
+            return self.sftp(chan, files, lambda: os.close(root))
 
         self._server = await asyncssh.listen(
             host,

@@ -195,9 +195,15 @@ class _Listing:
 class SandboxSFTP(asyncssh.SFTPServer):
     """An SFTP session as the root of the sandbox ``files`` reaches, confined to its root."""
 
-    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], files: SandboxFiles) -> None:
+    def __init__(
+        self,
+        chan: asyncssh.SSHServerChannel[bytes],
+        files: SandboxFiles,
+        on_exit: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(chan)
         self.files = files
+        self._on_exit = on_exit
         self._names: dict[str, dict[int, str]] = {}
 
     # ---- plumbing ------------------------------------------------------------------------------------------
@@ -358,6 +364,8 @@ class SandboxSFTP(asyncssh.SFTPServer):
         """End the subsystem with exit status 0, as sshd reports its sftp-server's (OpenSSH's scp fails
         a transfer whose channel closes without one)."""
         self.channel.exit(0)
+        if self._on_exit is not None:
+            self._on_exit()
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
