@@ -216,15 +216,6 @@ class SandboxDialer:
                 self._forget(cid, handle)
         raise SandboxGone("the sandbox is not running")
 
-    async def open(
-        self,
-        cid: str,
-        host: str,
-        port: int,
-        timeout: float = CONNECT_TIMEOUT,  # noqa: ASYNC109 - the connect's
-    ) -> socket.socket:
-        return await asyncio.to_thread(self.connect, cid, host, port, timeout)
-
     def _handle(self, cid: str, *, fresh: bool) -> GuestNamespace:
         with self._lock:
             handle = self._handles.get(cid)

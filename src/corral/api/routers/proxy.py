@@ -19,12 +19,12 @@ import httpcore
 from fastapi import APIRouter, Path, Request, WebSocket
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.types import Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from corral.api.deps import AppState, QueryPrincipalDep, StateDep, authenticate_connection, connection_state
+from corral.api.deps import AppState, authenticate_connection, connection_state
 from corral.api.errors import error_response
 from corral.api.guest_http import Forward, Relay
 from corral.api.proxy_headers import (
@@ -97,12 +97,14 @@ def dialer_of(st: AppState) -> SandboxDialer:
     return dialer
 
 
-async def _connect_guest(st: AppState, user_id: str, vm_id: str, port: int) -> Forward:
-    """A socket connected to ``port`` inside the caller's running VM, or the API error saying why not."""
+def _open_guest(conn: HTTPConnection, st: AppState, vm_id: str, port: int) -> Forward:
+    """The caller (header or ``?token=``), their running VM, and a socket connected to ``port`` inside it, or
+    the API error saying why not. Blocking: all of it runs in one worker thread."""
+    who = authenticate_connection(conn, st, allow_query=True)
     life = lifecycle_of(st)
-    cid = await run_in_threadpool(life.running_container, user_id, vm_id)
+    cid = life.running_container(who.user_id, vm_id)
     try:
-        sock = await dialer_of(st).open(cid, GUEST_HOST, port, CONNECT_TIMEOUT)
+        sock = dialer_of(st).connect(cid, GUEST_HOST, port, CONNECT_TIMEOUT)
     except SandboxGone:
         raise Conflict("VM is not running", code="vm_not_running") from None
     except GuestUnreachable:
@@ -119,10 +121,8 @@ async def _connect_guest(st: AppState, user_id: str, vm_id: str, port: int) -> F
     response_class=Response,
 )
 @router.api_route("/{vm_id}/proxy/{port}/{path:path}", methods=METHODS[1:], include_in_schema=False)
-async def proxy(
-    request: Request, vm_id: VmId, port: Port, path: GuestPath, who: QueryPrincipalDep, st: StateDep
-) -> Response:
-    forward = await _connect_guest(st, who.user_id, vm_id, port)
+async def proxy(request: Request, vm_id: VmId, port: Port, path: GuestPath) -> Response:
+    forward = await run_in_threadpool(_open_guest, request, connection_state(request), vm_id, port)
     prefix = proxy_prefix(vm_id, port)
     scope = request.scope
     length = request.headers.get("content-length")
@@ -192,8 +192,7 @@ async def proxy_websocket(websocket: WebSocket, vm_id: str, port: str, path: str
     try:
         if not port.isdigit() or not 1 <= int(port) <= 65535:
             raise InvalidParameter("port: must be an integer from 1 to 65535")
-        who = await run_in_threadpool(authenticate_connection, websocket, st, allow_query=True)
-        forward = await _connect_guest(st, who.user_id, vm_id, int(port))
+        forward = await run_in_threadpool(_open_guest, websocket, st, vm_id, int(port))
     except CorralError as exc:
         await _deny(websocket, error_response(exc.status, exc.code, exc.message))
         return

@@ -1,0 +1,140 @@
+"""Access benchmark: what getting into a sandbox costs. A real `corral serve` on this host (its own data dir,
+removed afterwards), one VM running a small web server bound to the sandbox's 127.0.0.1.
+
+    sudo .venv/bin/python -m bench.access [--runs 300]
+
+Proxy: a small GET (a 13-byte file from `python3 -m http.server`) through `/v1/vms/{id}/proxy/{port}/`, from
+the request to the whole answer, with an HTTP/1.1 client kept alive to the API server; and the same request
+made directly to the guest from this process, over a fresh connection made in the sandbox's network namespace
+(`guest_socket`). The proxy opens a fresh connection to the guest for every request (it keeps none), so both
+sides pay one connection to the guest per request; the difference is the API server: authentication, the
+VM's lookup, the relay. Target: proxy p50 within a few ms of direct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.support import Server, node_server, signup
+from tests.vmtools import node_processes, public_key, unique_name
+
+from bench.lifecycle import line
+from corral.node.guestnet import guest_socket
+
+GUEST_PORT = 8123
+BODY = b"hello, guest\n"
+SERVE = f"python3 -m http.server {GUEST_PORT} --bind 127.0.0.1"
+
+
+def ready_vm(c: httpx.Client) -> str:
+    r = c.post("/v1/vms", json={"name": unique_name("bench"), "public_key": public_key()})
+    r.raise_for_status()
+    vm_id = str(r.json()["id"])
+    while (detail := c.get(f"/v1/vms/{vm_id}").json()["status_detail"]) != "ready":
+        if detail == "failed":
+            raise RuntimeError("the VM failed to start")
+        time.sleep(0.005)
+    return vm_id
+
+
+def start_guest_server(c: httpx.Client, vm_id: str) -> None:
+    command = (
+        f"mkdir -p /root/www && printf '{BODY.decode().strip()}\\n' > /root/www/index.txt && "
+        f"cd /root/www && nohup {SERVE} >/dev/null 2>&1 &"
+    )
+    c.post(f"/v1/vms/{vm_id}/exec", json={"command": command}).raise_for_status()
+    deadline = time.monotonic() + 20
+    while c.get(f"/v1/vms/{vm_id}/proxy/{GUEST_PORT}/index.txt").status_code != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the guest's web server did not start")
+        time.sleep(0.05)
+
+
+def guest_pid(srv: Server) -> int:
+    """The host PID of the web server inside the sandbox (any process in its network namespace will do)."""
+    node_root = srv.data_dir / "node"
+    node_id = (node_root / "node-id").read_text().strip()
+    for pid in node_processes(node_root, node_id):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        except OSError:
+            continue
+        if b" ".join(args).decode(errors="replace") == SERVE:
+            return pid
+    raise RuntimeError("the guest's web server is not running")
+
+
+def direct_get(pid: int) -> bytes:
+    """GET /index.txt straight from the guest's server, over a fresh connection in its namespace."""
+    with guest_socket(pid, "127.0.0.1", GUEST_PORT, 5.0) as sock:
+        sock.sendall(b"GET /index.txt HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        return _read_all(sock)
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def measure_proxy(srv: Server, c: httpx.Client, vm_id: str, runs: int) -> dict[str, list[float]]:
+    """Milliseconds per request: ``proxy`` (through the API) and ``direct`` (to the guest), interleaved so
+    both see the same machine."""
+    pid = guest_pid(srv)
+    url = f"/v1/vms/{vm_id}/proxy/{GUEST_PORT}/index.txt"
+    out: dict[str, list[float]] = {"proxy": [], "direct": []}
+    for _ in range(20):  # warm up both paths
+        c.get(url)
+        direct_get(pid)
+    for _ in range(runs):
+        t = time.perf_counter()
+        r = c.get(url)
+        out["proxy"].append((time.perf_counter() - t) * 1000)
+        if r.status_code != 200 or r.content != BODY:
+            raise RuntimeError(f"proxy: {r.status_code} {r.content!r}")
+        t = time.perf_counter()
+        raw = direct_get(pid)
+        out["direct"].append((time.perf_counter() - t) * 1000)
+        if not raw.endswith(b"\r\n\r\n" + BODY):
+            raise RuntimeError(f"direct: {raw!r}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=300)
+    args = parser.parse_args()
+    print(f"# Corral access benchmark, {time.strftime('%Y-%m-%d %H:%M')} UTC")
+    print(f"# host: {platform.node()}, {platform.platform()}, {os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory() as tmp, node_server(Path(tmp)) as srv:
+        acct = signup(srv)
+        c = acct.client
+        vm_id = ready_vm(c)
+        try:
+            start_guest_server(c, vm_id)
+            got = measure_proxy(srv, c, vm_id, args.runs)
+            print(line("proxy GET (13 B), through the API", got["proxy"]))
+            print(line("same GET, direct to the guest", got["direct"]))
+            ratio = statistics.median(got["proxy"]) / statistics.median(got["direct"])
+            print(f"{'proxy / direct (p50)':<42} {ratio:7.1f} x")
+        finally:
+            c.post(f"/v1/vms/{vm_id}/stop")
+            c.delete(f"/v1/vms/{vm_id}")
+            c.close()
+
+
+if __name__ == "__main__":
+    main()
