@@ -243,10 +243,13 @@ class Vms(Namespace):
         call = vms.proxy_request(vm_id, port, path, method=method, params=params, content=content)
         return self._runner.send(call)
 
-    def proxy_url(self, vm_id: str, port: int, path: str = "", *, token: bool = False) -> str:
+    def proxy_url(
+        self, vm_id: str, port: int, path: str = "", *, token: bool = False, websocket: bool = False
+    ) -> str:
         """The URL of ``path`` on a server inside the VM, through the API (for a browser or another HTTP
-        client: ``token=True`` adds the API key as ``?token=``, which a browser needs)."""
-        return proxy_url(self._runner.config, vm_id, port, path, token=token)
+        client: ``token=True`` adds the API key as ``?token=``, which a browser needs; ``websocket=True``: the
+        ``ws://`` URL of a WebSocket there)."""
+        return proxy_url(self._runner.config, vm_id, port, path, token=token, websocket=websocket)
 
 
 def _copy(chunks: Iterator[bytes], out: BinaryIO) -> int:
