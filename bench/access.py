@@ -91,11 +91,12 @@ def _read_all(sock: socket.socket) -> bytes:
 
 
 def measure_proxy(srv: Server, c: httpx.Client, vm_id: str, runs: int) -> dict[str, list[float]]:
-    """Milliseconds per request: ``proxy`` (through the API) and ``direct`` (to the guest), interleaved so
-    both see the same machine."""
+    """Milliseconds per request: ``proxy`` (through the API), ``direct`` (to the guest) and, for scale,
+    ``api`` (``GET /v1/vms/{id}``: authentication and a lookup, nothing relayed), interleaved so all see the
+    same machine."""
     pid = guest_pid(srv)
     url = f"/v1/vms/{vm_id}/proxy/{GUEST_PORT}/index.txt"
-    out: dict[str, list[float]] = {"proxy": [], "direct": []}
+    out: dict[str, list[float]] = {"proxy": [], "direct": [], "api": []}
     for _ in range(20):  # warm up both paths
         c.get(url)
         direct_get(pid)
@@ -110,6 +111,9 @@ def measure_proxy(srv: Server, c: httpx.Client, vm_id: str, runs: int) -> dict[s
         out["direct"].append((time.perf_counter() - t) * 1000)
         if not raw.endswith(b"\r\n\r\n" + BODY):
             raise RuntimeError(f"direct: {raw!r}")
+        t = time.perf_counter()
+        c.get(f"/v1/vms/{vm_id}").raise_for_status()
+        out["api"].append((time.perf_counter() - t) * 1000)
     return out
 
 
@@ -128,6 +132,7 @@ def main() -> None:
             got = measure_proxy(srv, c, vm_id, args.runs)
             print(line("proxy GET (13 B), through the API", got["proxy"]))
             print(line("same GET, direct to the guest", got["direct"]))
+            print(line("GET /v1/vms/{id} (for scale)", got["api"]))
             ratio = statistics.median(got["proxy"]) / statistics.median(got["direct"])
             print(f"{'proxy / direct (p50)':<42} {ratio:7.1f} x")
         finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,6 +137,29 @@ def test_methods_and_bodies(owner: Account, vm: dict[str, Any]) -> None:
     missing = c.get(proxied(vm["id"], "/no-such-page"))  # the guest's own statuses pass through
     assert missing.status_code == 404
     assert missing.json() == {"error": "no such page"}
+
+
+def test_expect_continue_is_answered_by_the_api_server(
+    node: Server, owner: Account, vm: dict[str, Any]
+) -> None:
+    host, port = node.url.removeprefix("http://").split(":")
+    request = (
+        f"POST {proxied(vm['id'], '/echo/%C3%A9?m=expect')} HTTP/1.1\r\n".encode()
+        + f"Host: {host}:{port}\r\nAuthorization: Bearer {owner.token}\r\n".encode()
+        + b"Expect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        head = sock.recv(65536)
+        if head.startswith(b"HTTP/1.1 100"):  # the API server asks for the body, once
+            head = head.split(b"\r\n\r\n", 1)[1]
+        sock.sendall(b"ok")
+        answer = head + b"".join(iter(lambda: sock.recv(65536), b""))
+    assert answer.startswith(b"HTTP/1.1 201"), answer
+    got = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert got["target"] == "/echo/%C3%A9?m=expect"
+    assert got["body"] == "ok"
+    assert "expect" not in {name.lower() for name, _ in got["headers"]}
 
 
 def test_the_guests_root_and_redirects(owner: Account, vm: dict[str, Any]) -> None:

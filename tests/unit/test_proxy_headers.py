@@ -44,6 +44,7 @@ def test_request_headers_for_the_guest() -> None:
         (b"x-forwarded-prefix", b"/spoofed"),
         (b"cookie", b"session=guest-app"),
         (b"content-length", b"5"),
+        (b"expect", b"100-continue"),
         (b"accept", b"text/html"),
     ]
     out = request_headers(
@@ -101,6 +102,7 @@ def test_websocket_handshake_headers_leave_the_handshake_to_the_library() -> Non
         (b"/v1/vms/vm_abc/proxy/8080/p", "p", b"%74oken=k", b"/p"),  # an escaped name is still token
         (b"/v1/vms/vm_abc/proxy/8080/p", "p", b"tokens=1&my_token=2", b"/p?tokens=1&my_token=2"),
         (None, "a b/c", b"", b"/a%20b/c"),
+        (b"/v1/vms/vm_abc/proxy/8080/\xc3\xa9", "\u00e9", b"q=\xff", b"/%C3%A9?q=%FF"),
     ],
 )
 def test_the_target_keeps_the_clients_escapes_and_drops_the_token(

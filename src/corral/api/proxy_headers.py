@@ -33,8 +33,10 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+# the API's own (authorization, host, the forwarding headers it sets), and Expect: the API server already
+# answered "100 Continue" to the client, the guest must not send it another interim answer
 _NOT_FORWARDED = frozenset(
-    {b"authorization", b"host", b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-prefix"}
+    {b"authorization", b"host", b"expect", b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-prefix"}
 )
 # the WebSocket library makes its own handshake headers
 _WS_HANDSHAKE = frozenset({b"content-length", b"user-agent", b"origin"})
@@ -64,7 +66,8 @@ def proxy_prefix(vm_id: str, port: int) -> str:
 
 def guest_target(raw_path: bytes | None, path: str, query: bytes) -> bytes:
     """The request target for the guest: the part of the raw path after ``/proxy/<port>`` (its escapes kept
-    as the client sent them), and the query without ``token``."""
+    as the client sent them, raw bytes a request line may not carry escaped), and the query without
+    ``token``."""
     if raw_path is not None and raw_path.count(b"/") >= 6:
         rest = b"/" + raw_path.split(b"/", 6)[6]
     else:
@@ -72,7 +75,12 @@ def guest_target(raw_path: bytes | None, path: str, query: bytes) -> bytes:
     kept = [
         part for part in query.split(b"&") if part and unquote_to_bytes(part.split(b"=", 1)[0]) != b"token"
     ]
-    return rest + (b"?" + b"&".join(kept) if kept else b"")
+    return _escaped(rest + (b"?" + b"&".join(kept) if kept else b""))
+
+
+def _escaped(target: bytes) -> bytes:
+    """Bytes a request line may not carry (controls, spaces, non-ASCII a lenient client sent raw) as %XX."""
+    return b"".join(bytes([c]) if 0x21 <= c <= 0x7E else b"%%%02X" % c for c in target)
 
 
 def _forwarded(

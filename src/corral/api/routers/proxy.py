@@ -40,7 +40,7 @@ from corral.api.proxy_headers import (
 )
 from corral.api.routers.common import AUTHED, errors
 from corral.api.routers.vms import lifecycle_of
-from corral.domain.errors import Conflict, CorralError, InvalidParameter
+from corral.domain.errors import BadRequest, Conflict, CorralError, InvalidParameter
 from corral.node.guestnet import GuestUnreachable, SandboxDialer, SandboxGone
 from corral.services.lifecycle import Lifecycle
 
@@ -142,6 +142,9 @@ async def proxy(request: Request, vm_id: VmId, port: Port, path: GuestPath) -> R
     except ClientDisconnect:
         await forward.aclose()
         return Response(status_code=400)  # nobody is left to read it
+    except httpcore.LocalProtocolError as exc:  # a request HTTP/1.1 cannot carry as it is
+        await forward.aclose()
+        raise BadRequest(f"The request cannot be forwarded: {exc}") from None
     except httpcore.TimeoutException:
         await forward.aclose()
         raise UpstreamTimeout(f"The server on port {port} inside the VM did not answer in time") from None
