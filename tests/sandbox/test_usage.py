@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from corral.domain.pricing import DEFAULT_PRICES
-from tests.support import Account, Server
+from tests.support import Account, Server, node_host, signup
 from tests.vmtools import create_ready, destroy, host_leftovers, public_key, run, unique_name
 
 MIB = 1024 * 1024
@@ -172,3 +172,28 @@ def test_what_a_vm_used_is_measured_and_priced(node: Server, owner: Account) -> 
     assert {line["vm_id"] for line in everything["data"]} >= {busy["id"], idle["id"]}
     idle_cpu = sum(x["cpu_seconds"] for x in everything["data"] if x["vm_id"] == idle["id"])
     assert abs(idle_cpu - i["cpu_ms"] / 1000) < 0.002
+
+
+def test_timers_and_meters_survive_a_server_crash(tmp_path: Path) -> None:
+    """``corral serve`` killed (SIGKILL) while a VM's timer runs and another VM runs without one: the timer
+    fires while the server is down, so the VM is destroyed as the server starts again; the other VM's
+    meter runs on, so its uptime covers the time the server was down."""
+    with node_host(tmp_path, CORRAL_NETWORK="off") as host:
+        server = host.start()
+        acct = signup(server)
+        timed = create_ready(acct.client, timeout=2)
+        running = create_ready(acct.client)
+        running_since = time.monotonic()
+        host.kill()
+        time.sleep(2.5)
+        server = host.start()
+        with server.client(acct.token) as c:
+            gone = poll(lambda: vm_of(c, timed["id"]), lambda v: v["status_detail"] == "destroyed", 5.0)
+            assert gone["destroy_reason"] == "timeout", gone
+            left = host_leftovers(host.data_dir / "node", host.node_id)
+            assert all(timed["id"] not in found for found in left.values()), left
+            assert c.post(f"/v1/vms/{running['id']}/stop").status_code == 200
+            ran_ms = (time.monotonic() - running_since) * 1000
+            stopped = vm_of(c, running["id"])
+            assert ran_ms - 1500 <= stopped["uptime_ms"] <= ran_ms + 500, (stopped, ran_ms)
+            destroy(c, running["id"])
