@@ -344,7 +344,9 @@ class VmOut(Response):
     )
     cpu_ms: int = Field(default=0, description="CPU time used, from the cgroup (as of the last sample).")
     mem_peak_bytes: int = Field(default=0, description="Most memory in use at once, from the cgroup.")
-    uptime_ms: int = Field(default=0, description="Time spent running, across stops and resumes.")
+    uptime_ms: int = Field(
+        default=0, description="Time spent running, across stops and resumes (as of the last sample)."
+    )
     destroy_reason: Literal["api", "timeout"] | None = Field(
         default=None, description="Why the VM was destroyed: `api` (DELETE) or `timeout` (auto-destroy)."
     )

@@ -44,13 +44,6 @@ class DayUsage:
     mem_kib_ms: int = 0  # memory in use integrated over time
     uptime_ms: int = 0
 
-    def __add__(self, other: DayUsage) -> DayUsage:
-        return DayUsage(
-            self.cpu_us + other.cpu_us,
-            self.mem_kib_ms + other.mem_kib_ms,
-            self.uptime_ms + other.uptime_ms,
-        )
-
 
 def counter_delta(previous: int, current: int) -> int:
     """How much a cumulative counter grew since ``previous``. A counter below the previous reading was
@@ -133,12 +126,6 @@ def sample(
         mem_peak_bytes=max(meter.mem_peak_bytes, reading.mem_peak_bytes, reading.mem_bytes),
     )
     return updated, days
-
-
-def uptime_ms(meter: Meter, now: datetime) -> int:
-    """Time spent running, up to ``now`` when the VM runs."""
-    running = 0 if meter.at is None else max(0, _ms(now - meter.at))
-    return meter.total_uptime_ms + running
 
 
 def existence_hours_by_day(created: datetime, ended: datetime, first: date, last: date) -> dict[date, float]:

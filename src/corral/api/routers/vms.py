@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Path, Query, Response
@@ -18,7 +17,6 @@ from corral.api.schemas import (
     VmOut,
     VmTimerRequest,
 )
-from corral.domain import usage as usage_math
 from corral.domain.errors import InvalidParameter, NotFound, ValidationFailed
 from corral.domain.ids import Prefix, has_prefix
 from corral.domain.pagination import page_request
@@ -39,13 +37,13 @@ def lifecycle_of(st: StateDep) -> Lifecycle:
     return st.lifecycle
 
 
-def vm_out(row: Vm, now: datetime | None = None) -> VmOut:
-    return VmOut.model_validate(vm_fields(row, now))
+def vm_out(row: Vm) -> VmOut:
+    return VmOut.model_validate(vm_fields(row))
 
 
-def vm_fields(row: Vm, now: datetime | None = None) -> dict[str, object]:
+def vm_fields(row: Vm) -> dict[str, object]:
+    """The VM object's fields; the usage figures are as of the VM's last cgroup sample."""
     detail = Detail(row.status_detail)
-    meter = usage.meter_of(row)
     return {
         "id": row.id,
         "name": row.name,
@@ -67,9 +65,7 @@ def vm_fields(row: Vm, now: datetime | None = None) -> dict[str, object]:
         "expires_at": row.expires_at,
         "cpu_ms": row.cpu_us // 1000,
         "mem_peak_bytes": row.mem_peak_bytes,
-        "uptime_ms": usage_math.uptime_ms(meter, now or row.updated_at)
-        if meter.at is not None
-        else meter.total_uptime_ms,
+        "uptime_ms": row.uptime_ms,
         "destroy_reason": row.destroy_reason if detail is Detail.DESTROYED else None,
         "destroyed_at": row.destroyed_at if detail is Detail.DESTROYED else None,
     }
@@ -164,8 +160,7 @@ def list_vms(
             detail=_enum(Detail, "status_detail", status_detail),
             name=name,
         )
-        now = st.services.clock.now()
-        data = [vm_out(row, now) for row in page.data]
+        data = [vm_out(row) for row in page.data]
     return ListEnvelope[VmOut](data=data, has_more=page.has_more, cursor=page.cursor)
 
 
@@ -193,7 +188,7 @@ def list_history(
         page = usage.list_history(session, who.user_id, request)
         costs = usage.lifetime_costs(session, who.user_id, page.data, st.settings.prices, now)
         data = [
-            VmHistoryOut.model_validate({**vm_fields(row, now), "cost_cents": cents(costs[row.id])})
+            VmHistoryOut.model_validate({**vm_fields(row), "cost_cents": cents(costs[row.id])})
             for row in page.data
         ]
     return ListEnvelope[VmHistoryOut](data=data, has_more=page.has_more, cursor=page.cursor)
@@ -202,7 +197,7 @@ def list_history(
 @router.get("/{vm_id}", response_model=VmOut, summary="Get a VM", responses=errors(*AUTHED, 404))
 def get_vm(vm_id: VmId, who: PrincipalDep, st: StateDep) -> VmOut:
     with (st.reads or st.sessions)() as session:
-        return vm_out(vms.get_vm(session, who.user_id, vm_id), st.services.clock.now())
+        return vm_out(vms.get_vm(session, who.user_id, vm_id))
 
 
 @router.patch(
@@ -222,7 +217,7 @@ async def reset_timer(
 ) -> VmOut:
     life = lifecycle_of(st)
     row = await run_in_threadpool(life.reset_timer, who.user_id, vm_id, body.timeout if body else None)
-    return vm_out(row, st.services.clock.now())
+    return vm_out(row)
 
 
 @router.delete(
