@@ -204,6 +204,32 @@ def test_a_chunked_download_is_streamed(node: Server, owner: Account, vm: dict[s
     _download(node, owner, vm["id"], 64 * MIB, chunked=True)
 
 
+def guest_connections(owner: Account, vm_id: str) -> int:
+    """Established TCP connections to the test server inside the VM (from /proc/net/tcp, as the VM sees it)."""
+    out = run(owner.client, vm_id, "cat /proc/net/tcp /proc/net/tcp6")["stdout"]
+    local = f":{GUEST_PORT:04X}"
+    return sum(
+        1
+        for line in out.splitlines()[1:]
+        if len(f := line.split()) > 3 and f[1].endswith(local) and f[3] == "01"
+    )
+
+
+def test_a_client_that_leaves_stops_the_download(node: Server, owner: Account, vm: dict[str, Any]) -> None:
+    params = {"size": str(20 * 1024 * MIB), "chunked": "1"}  # 20 GiB: it would take minutes to send
+    with owner.client.stream("GET", proxied(vm["id"], "/download"), params=params) as resp:
+        got = 0
+        for piece in resp.iter_bytes(MIB):
+            got += len(piece)
+            if got >= 8 * MIB:
+                assert guest_connections(owner, vm["id"]) == 1  # the download, relayed as it comes
+                break  # closes the connection to the API server
+    deadline = time.monotonic() + 10
+    while guest_connections(owner, vm["id"]):
+        assert time.monotonic() < deadline, "the proxy kept reading from the guest after the client left"
+        time.sleep(0.1)
+
+
 def test_a_large_upload_is_streamed(node: Server, owner: Account, vm: dict[str, Any]) -> None:
     size = 128 * MIB
     expected = hashlib.sha256()
