@@ -124,7 +124,9 @@ def create_app(
             life.start_background()
         if life is not None and settings.ssh:
             gateway = SshGateway(
-                Access(life, reads).ssh_backend(), load_or_create_host_key(settings.data_dir), sftp=SandboxSFTP
+                Access(life, reads).ssh_backend(),
+                load_or_create_host_key(settings.data_dir),
+                sftp=SandboxSFTP,
             )
             await gateway.start(settings.ssh_listen, settings.ssh_port)
             app.state.corral.ssh = gateway
