@@ -3,7 +3,7 @@ egress events sent again with their bytes (``corral.services.audit.record``), on
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -13,7 +13,9 @@ from corral.domain.ids import Prefix, new_id
 from corral.domain.pricing import DEFAULT_PRICES
 from corral.domain.usage import GIB, Reading
 from corral.services import audit
+from corral.services.lifecycle import Lifecycle
 from corral.services.usage import UsageMeter, report
+from corral.services.vms import ResourceLimits
 from corral.store.db import transaction
 from corral.store.tables import EgressEvent, User, Vm, VmUsageDay
 
@@ -124,3 +126,97 @@ def test_an_event_sent_again_gets_its_bytes(sessions: sessionmaker[Session]) -> 
             for r in s.scalars(select(EgressEvent).where(EgressEvent.vm_id == vm_id))
         }
     assert rows == {ident: (10, 20, "tls"), other: (1, 2, "http")}
+
+
+class FakeNode:
+    """What the lifecycle asks of the node when it stops and destroys: recorded, nothing on the host."""
+
+    cgroup_parent = "corral-fake"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def stop(self, cid: str) -> None:
+        self.calls.append(("stop", cid))
+
+    def destroy(self, cid: str) -> None:
+        self.calls.append(("destroy", cid))
+
+
+def test_expiry_destroys_what_it_can_and_retries_the_rest(sessions: sessionmaker[Session]) -> None:
+    clock = FakeClock(datetime(2026, 5, 4, 12, tzinfo=UTC))
+    node, reader = FakeNode(), FakeReader()
+    life = Lifecycle(
+        sessions,
+        clock,
+        node,  # type: ignore[arg-type]
+        default_image="debian:bookworm",
+        limits=ResourceLimits(),
+        usage_reader=reader,
+    )
+    forgotten: list[tuple[str, str]] = []
+    life.on_destroy = lambda cid, vm_id: forgotten.append((cid, vm_id))
+    uid, ready = _user_and_vm(sessions, clock.now())
+    ids = {"ready": ready}
+    with transaction(sessions) as s:
+        for state in ("stopped", "hibernated", "starting", "later", "destroyed"):
+            vm_id = new_id(Prefix.VM)
+            ids[state] = vm_id
+            s.add(
+                Vm(
+                    id=vm_id,
+                    user_id=uid,
+                    name=vm_id,
+                    public_key="k",
+                    status_detail="ready" if state == "later" else state,
+                    image="debian:bookworm",
+                    vcpus=1,
+                    mem_mib=1024,
+                    disk_mib=1024,
+                    container_id=vm_id,
+                    created_at=clock.now(),
+                    updated_at=clock.now(),
+                )
+            )
+    reader.readings[ready] = Reading(1_000_000_000, GIB, GIB)
+    life.meter.begin(ready)
+    with transaction(sessions) as s:
+        for state, vm_id in ids.items():
+            row = s.get(Vm, vm_id)
+            assert row is not None
+            row.timeout = 5
+            row.expires_at = clock.now() + (timedelta(hours=1) if state == "later" else timedelta(seconds=5))
+    clock.advance(6)
+    reader.readings[ready] = Reading(3_000_000_000, GIB, GIB)
+    assert life.next_deadline() == datetime(2026, 5, 4, 12, 0, 5, tzinfo=UTC)
+    assert life.expire_due() is True  # the starting VM is in the middle of an operation: again later
+    with sessions() as s:
+        rows = {state: s.get(Vm, vm_id) for state, vm_id in ids.items()}
+    for state in ("ready", "stopped", "hibernated"):
+        row = rows[state]
+        assert row is not None
+        assert (row.status_detail, row.destroy_reason, row.expires_at) == ("destroyed", "timeout", None), (
+            state
+        )
+        assert row.destroyed_at == clock.now()
+    expected = [
+        ("stop", ready),
+        ("destroy", ready),
+        ("destroy", ids["stopped"]),
+        ("destroy", ids["hibernated"]),
+    ]
+    assert sorted(node.calls) == sorted(expected)
+    assert node.calls.index(("stop", ready)) < node.calls.index(("destroy", ready))
+    assert (ids["hibernated"], ids["hibernated"]) in forgotten  # its saved memory is dropped too
+    starting, later, destroyed = rows["starting"], rows["later"], rows["destroyed"]
+    assert starting is not None
+    assert starting.status_detail == "starting"
+    assert later is not None
+    assert later.status_detail == "ready"
+    assert destroyed is not None
+    assert destroyed.expires_at is None  # a destroyed VM's timer is cleared, nothing else happens to it
+    ready_row = rows["ready"]
+    assert ready_row is not None
+    assert ready_row.cpu_us == 2_000_000  # read a last time before the stop
+    assert life.next_deadline() == datetime(2026, 5, 4, 12, 0, 5, tzinfo=UTC)  # the starting one's, still due
+    life.timers.close()
