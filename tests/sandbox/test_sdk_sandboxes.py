@@ -168,6 +168,38 @@ def test_async_client_on_a_live_vm(sdk: corral.Client, vm: Vm, node: Server) -> 
     assert sh(sdk, vm.id, "cat /root/async.txt") == "async upload"
 
 
+def test_shell_and_terminal_through_the_sdk(sdk: corral.Client, vm: Vm, node: Server) -> None:
+    with sdk.vms.shell(vm.id) as shell:
+        assert shell.run("cd /tmp && export N=6").exit_code == 0
+        got = shell.run("echo $((N*7)) $PWD; echo e >&2; (exit 2)")
+        assert (got.stdout, got.stderr, got.exit_code) == ("42 /tmp\n", "e\n", 2)
+        assert shell.run("sleep 5", timeout=0.3).timed_out
+        with pytest.raises(corral.ValidationError):
+            shell.run("x", timeout=-1)
+    term = sdk.vms.terminal(vm.id, cols=70, rows=21)
+    with term:
+        term.send(b"stty size; echo Z-$((8*8)); exit 3\n")
+        screen, end = b"", None
+        while end is None:
+            message = term.recv(timeout=15)
+            if isinstance(message, bytes):
+                screen += message
+            else:
+                end = message
+        assert b"21 70" in screen
+        assert b"Z-64" in screen
+        assert '"exit_code": 3' in end
+
+    async def main() -> str:
+        async with corral.AsyncClient(sdk.config.api_key, node.url) as c, c.vms.shell(vm.id) as ash:
+            await ash.run("cd /etc")
+            return (await ash.run("pwd")).stdout
+
+    assert asyncio.run(main()) == "/etc\n"
+    with pytest.raises(corral.NotFoundError):
+        sdk.vms.shell("vm_nosuchvm000")
+
+
 def test_state_through_the_sdk(sdk: corral.Client, vm: Vm) -> None:
     sh(sdk, vm.id, COUNTER + "; echo before > /root/mark")
     pid = sh(sdk, vm.id, "cat /root/counter.pid").strip()

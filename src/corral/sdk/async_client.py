@@ -13,8 +13,9 @@ from typing import Any, BinaryIO, Concatenate, Self
 
 import anyio
 import httpx
+from websockets.asyncio.client import ClientConnection
 
-from corral.sdk import retry, waiting
+from corral.sdk import retry, sockets, waiting
 from corral.sdk.call import Call, next_page
 from corral.sdk.config import Config, resolve
 from corral.sdk.endpoints import account, state, vms
@@ -251,6 +252,17 @@ class AsyncVms(AsyncNamespace):
         status."""
         call = vms.proxy_request(vm_id, port, path, method=method, params=params, content=content)
         return await self._runner.send(call)
+
+    @uses(sockets.shell_socket)
+    def shell(self, vm_id: str) -> sockets.AsyncShell:
+        """A long-lived bash in the VM (WebSocket ``/shell``): ``async with client.vms.shell(vm_id) as sh:
+        await sh.run("pwd")``; the directory and variables carry over between commands."""
+        return sockets.AsyncShell(self._runner.config, vm_id)
+
+    @uses(sockets.terminal_socket)
+    async def terminal(self, vm_id: str, *, cols: int = 80, rows: int = 24) -> ClientConnection:
+        """A terminal in the VM (WebSocket ``/terminal``): bytes both ways, JSON control messages as text."""
+        return await sockets.terminal_connect_async(self._runner.config, vm_id, cols, rows)
 
     def proxy_url(
         self, vm_id: str, port: int, path: str = "", *, token: bool = False, websocket: bool = False

@@ -12,8 +12,9 @@ from types import TracebackType
 from typing import Any, BinaryIO, Concatenate, Self
 
 import httpx
+from websockets.sync.client import ClientConnection
 
-from corral.sdk import retry, waiting
+from corral.sdk import retry, sockets, waiting
 from corral.sdk.call import Call, next_page
 from corral.sdk.config import Config, resolve
 from corral.sdk.endpoints import account, state, vms
@@ -242,6 +243,18 @@ class Vms(Namespace):
         status."""
         call = vms.proxy_request(vm_id, port, path, method=method, params=params, content=content)
         return self._runner.send(call)
+
+    @uses(sockets.shell_socket)
+    def shell(self, vm_id: str) -> sockets.Shell:
+        """A long-lived bash in the VM (WebSocket ``/shell``): ``with client.vms.shell(vm_id) as sh:
+        sh.run("cd /tmp"); sh.run("pwd").stdout``; the directory and variables carry over between commands."""
+        return sockets.Shell(self._runner.config, vm_id)
+
+    @uses(sockets.terminal_socket)
+    def terminal(self, vm_id: str, *, cols: int = 80, rows: int = 24) -> ClientConnection:
+        """A terminal in the VM (WebSocket ``/terminal``): send keystrokes as bytes and ``{"type": "resize",
+        "cols", "rows"}`` as text; receive the screen as bytes, then ``{"type": "exit", "exit_code"}``."""
+        return sockets.terminal_connect(self._runner.config, vm_id, cols, rows)
 
     def proxy_url(
         self, vm_id: str, port: int, path: str = "", *, token: bool = False, websocket: bool = False
