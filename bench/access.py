@@ -9,6 +9,9 @@ made directly to the guest from this process, over a fresh connection made in th
 (`guest_socket`). The proxy opens a fresh connection to the guest for every request (it keeps none), so both
 sides pay one connection to the guest per request; the difference is the API server: authentication, the
 VM's lookup, the relay. Target: proxy p50 within a few ms of direct.
+
+SSH: OpenSSH's `ssh` with the VM's key running `echo x` through the gateway, a new connection each time: from
+starting the client to the first byte of output (what a user waits for), and to its exit.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +32,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.support import Server, node_server, signup
+from tests.vmtools import _KEY_DIR as KEY_DIR
 from tests.vmtools import node_processes, public_key, unique_name
 
 from bench.lifecycle import line
@@ -117,6 +122,30 @@ def measure_proxy(srv: Server, c: httpx.Client, vm_id: str, runs: int) -> dict[s
     return out
 
 
+def measure_ssh(c: httpx.Client, vm_id: str, known_hosts: Path, runs: int) -> dict[str, list[float]]:
+    """OpenSSH's client running `ssh VM 'echo x'`, one connection each: from starting it to the first byte of
+    the command's output (TCP connect, key exchange, public-key login, session and command start in the
+    sandbox), and to its exit."""
+    info = c.get(f"/v1/vms/{vm_id}/ssh").json()
+    known_hosts.write_text(f"[{info['host']}]:{info['port']} {info['host_key']}\n")
+    argv = ["ssh", "-i", str(KEY_DIR / "id_ed25519"), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"]
+    argv += ["-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes"]
+    argv += ["-p", str(info["port"]), f"{info['username']}@{info['host']}", "echo x"]
+    first: list[float] = []
+    whole: list[float] = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        byte = os.read(proc.stdout.fileno(), 1)
+        first.append((time.perf_counter() - t) * 1000)
+        proc.wait()
+        whole.append((time.perf_counter() - t) * 1000)
+        if byte != b"x" or proc.returncode != 0:
+            raise RuntimeError(f"ssh did not run the command (exit {proc.returncode})")
+    return {"first_byte": first, "exit": whole}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=300)
@@ -135,6 +164,9 @@ def main() -> None:
             print(line("GET /v1/vms/{id} (for scale)", got["api"]))
             ratio = statistics.median(got["proxy"]) / statistics.median(got["direct"])
             print(f"{'proxy / direct (p50)':<42} {ratio:7.1f} x")
+            ssh = measure_ssh(c, vm_id, Path(tmp) / "known_hosts", max(20, args.runs // 10))
+            print(line("SSH connect to first byte (OpenSSH)", ssh["first_byte"]))
+            print(line("SSH `echo x`, start to exit", ssh["exit"]))
         finally:
             c.post(f"/v1/vms/{vm_id}/stop")
             c.delete(f"/v1/vms/{vm_id}")

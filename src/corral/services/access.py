@@ -47,9 +47,9 @@ class Access:
         """The caller's running VM (404 for another user's or an unknown one, 409 when not running)."""
         with self.reads() as session:
             cid = self.life.running_container(user_id, vm_id, session)
-        target = Target(vm_id, user_id, cid)
-        os.close(self.files(target)[1])
-        return target
+        if self.life.node.pid(cid) is None:
+            raise Conflict("VM is not running", code="vm_not_running")
+        return Target(vm_id, user_id, cid)
 
     def files(self, target: Target) -> tuple[SandboxFiles, int]:
         """The VM's files as it runs now, with its root held open (the fd, for the caller to close); checked

@@ -115,8 +115,10 @@ class _Server(asyncssh.SSHServer):
     async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         if self.owner is None or username != self.vm_id or not same_key(self.owner[1], key):
             return False
-        # the VM as it is now, for auth_completed (which asyncssh does not await on a server) to act on
-        self.found = await asyncio.to_thread(self.backend.target, self.owner[0], self.vm_id)
+        # the VM as it is now, for auth_completed (which asyncssh does not await on a server) to act on; once
+        # per connection (the client offers the key, then signs with it)
+        if self.found is None:
+            self.found = await asyncio.to_thread(self.backend.target, self.owner[0], self.vm_id)
         return True
 
     def auth_completed(self) -> None:
