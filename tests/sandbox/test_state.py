@@ -357,6 +357,71 @@ def test_rollback_puts_disk_and_memory_back(state_node: Server, acct: Account) -
         destroy(c, vm["id"])
 
 
+# a TCP server answering every line with a token only its memory holds (a thread per connection), and a
+# client that asks it once and leaves only when the server has closed its side (no connected socket is left
+# in the server at a dump: CRIU runs without --tcp-established)
+TCP_SERVER = """
+import os, socket, threading
+token = os.urandom(8).hex().encode()
+def serve(conn):
+    with conn, conn.makefile("rb") as lines:
+        for _ in lines:
+            conn.sendall(token + b"\\n")
+srv = socket.create_server(("127.0.0.1", 8123))
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+"""
+TCP_ASK = """
+import socket
+s = socket.create_connection(("127.0.0.1", 8123), timeout=5)
+s.sendall(b"hi\\n")
+s.shutdown(socket.SHUT_WR)
+print(s.makefile().read().strip())
+"""
+ASK = "python3 /root/ask.py"
+
+
+@CRUN_ONLY
+def test_a_vm_with_a_listening_tcp_server_is_checkpointed_and_hibernated(
+    state_node: Server, acct: Account
+) -> None:
+    """CRIU 4.1.1 failed every dump of a TCP socket on kernels >= 6.16 (getsockopt SO_PASSCRED refused:
+    scripts/patches/criu-sockopt-passcred.patch); the server answers on after a rollback and a resume."""
+    c = acct.client
+    vm = create_ready(c, mem_mib=256)
+    try:
+        sh(
+            c,
+            vm["id"],
+            f"cat > /root/srv.py <<'EOF'{TCP_SERVER}EOF\ncat > /root/ask.py <<'EOF'{TCP_ASK}EOF\n",
+        )
+        sh(c, vm["id"], "nohup python3 /root/srv.py >/root/srv.log 2>&1 &")
+        token = ""
+        for _ in range(100):
+            out = run(c, vm["id"], ASK)
+            if out["exit_code"] == 0:
+                token = str(out["stdout"]).strip()
+                break
+            time.sleep(0.05)
+        assert re.fullmatch(r"[0-9a-f]{16}", token), token
+
+        r = c.post(f"/v1/vms/{vm['id']}/checkpoints", json={"name": "serving"})
+        assert r.status_code == 201, r.text
+        assert sh(c, vm["id"], ASK).strip() == token  # left running, it serves on
+        r = c.post(f"/v1/vms/{vm['id']}/rollback", json={"checkpoint_id": r.json()["data"]["id"]})
+        assert (r.status_code, r.json()["status_detail"]) == (200, "ready"), r.text
+        assert sh(c, vm["id"], ASK).strip() == token
+
+        r = c.post(f"/v1/vms/{vm['id']}/hibernate")
+        assert (r.status_code, r.json()["status_detail"]) == (200, "hibernated"), r.text
+        r = c.post(f"/v1/vms/{vm['id']}/resume")
+        assert (r.status_code, r.json()["status_detail"]) == (200, "ready"), r.text
+        assert sh(c, vm["id"], ASK).strip() == token
+        assert_confined(state_node, c, vm)
+    finally:
+        destroy(c, vm["id"])
+
+
 @CRUN_ONLY
 def test_disk_only_checkpoint_rolls_back_the_disk_and_reboots(state_node: Server, acct: Account) -> None:
     c = acct.client
