@@ -35,7 +35,9 @@ def cli(
 def test_vm_commands_end_to_end(node: Server, owner: Account, tmp_path: Path) -> None:
     public_key()
     name = unique_name("cli")
-    made = cli(node, owner, "create", name, "--public-key", str(_KEY_DIR / "id_ed25519.pub"))
+    made = cli(
+        node, owner, "create", name, "--public-key", str(_KEY_DIR / "id_ed25519.pub"), "--timeout", "600"
+    )
     assert made.returncode == 0, made.stderr
     vm = json.loads(made.stdout)
     assert (vm["name"], vm["status"], vm["status_detail"]) == (name, "running", "ready")
@@ -75,9 +77,15 @@ def test_vm_commands_end_to_end(node: Server, owner: Account, tmp_path: Path) ->
     assert started["status"] == "running"
     assert cli(node, owner, "exec", name, "--", "cat", "/root/in.bin").returncode == 0
 
+    # the auto-destroy timer: set, then reset
+    kept = json.loads(cli(node, owner, "keep", name, "--timeout", "3600").stdout)
+    assert kept["timeout"] == 3600
+    assert kept["expires_at"] is not None
+
     gone = cli(node, owner, "destroy", name, "--force")
     assert gone.returncode == 0, gone.stderr
     assert owner.client.get(f"/v1/vms/{vm['id']}").json()["status"] == "destroyed"
+    assert vm["id"] in cli(node, owner, "history").stdout
     assert name not in cli(node, owner, "list").stdout
     missing = cli(node, owner, "get", name)
     assert missing.returncode == 1

@@ -66,6 +66,9 @@ def create(
     mem_mib: Annotated[int | None, typer.Option()] = None,
     disk_mib: Annotated[int | None, typer.Option()] = None,
     snapshot: Annotated[str | None, typer.Option(help="Boot from this snapshot (snap_...)")] = None,
+    timeout: Annotated[
+        int | None, typer.Option(help="Destroy the VM after this many seconds (`corral vm keep` resets it)")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Wait until the VM is ready")] = True,
 ) -> None:
     """Create a VM (and wait until it is ready)."""
@@ -81,6 +84,7 @@ def create(
         ("mem_mib", mem_mib),
         ("disk_mib", disk_mib),
         ("snapshot_id", snapshot),
+        ("timeout", timeout),
     )
     for field, value in fields:
         if value is not None:
@@ -94,6 +98,40 @@ def create(
     _show(vm)
     if vm["status"] == "failed":
         raise typer.Exit(1)
+
+
+@app.command()
+def keep(
+    vm: Annotated[str, typer.Argument(help="VM id or name")],
+    timeout: Annotated[
+        int | None, typer.Option(help="New timeout in seconds (default: the VM's own)")
+    ] = None,
+) -> None:
+    """Reset a VM's auto-destroy timer (PATCH /v1/vms/{id})."""
+    with _client() as client:
+        vm_id = _resolve(client, vm)
+        body = {} if timeout is None else {"timeout": timeout}
+        _show(_check(client.patch(f"/v1/vms/{vm_id}", json=body)))
+
+
+@app.command()
+def history(limit: Annotated[int, typer.Option(help="How many")] = 20) -> None:
+    """Destroyed VMs, newest first, with their CPU, memory peak, uptime and cost."""
+    with _client() as client:
+        page = _check(client.get("/v1/vms/history", params={"limit": limit}))
+    table = Table("ID", "NAME", "DESTROYED", "REASON", "CPU MS", "MEM PEAK MIB", "UPTIME S", "COST CENTS")
+    for row in page["data"]:
+        table.add_row(
+            row["id"],
+            row["name"],
+            str(row.get("destroyed_at") or ""),
+            str(row.get("destroy_reason") or ""),
+            str(row.get("cpu_ms") or 0),
+            f"{(row.get('mem_peak_bytes') or 0) / 2**20:.1f}",
+            f"{(row.get('uptime_ms') or 0) / 1000:.1f}",
+            str(row.get("cost_cents") or 0),
+        )
+    out.print(table)
 
 
 @app.command("list")
