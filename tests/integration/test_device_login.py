@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
@@ -35,7 +36,10 @@ def _approve_in_browser(driver: webdriver.Chrome, url: str, code: str, email: st
     driver.find_element(By.ID, "password").send_keys(password)
     form = driver.find_element(By.TAG_NAME, "form")
     driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    WebDriverWait(driver, 20).until(expected_conditions.staleness_of(form))
+    # chromedriver can fail a check while the page is being replaced ("unhandled inspector error"): try again
+    WebDriverWait(driver, 20, ignored_exceptions=(WebDriverException,)).until(
+        expected_conditions.staleness_of(form)
+    )
     return str(driver.find_element(By.TAG_NAME, "body").text)
 
 

@@ -95,7 +95,10 @@ class Shell:
         headers = {"Authorization": config.authorization()}
         try:
             self._ws = websockets.sync.client.connect(
-                socket_url(config, shell_socket(vm_id)), additional_headers=headers, open_timeout=open_timeout
+                socket_url(config, shell_socket(vm_id)),
+                additional_headers=headers,
+                open_timeout=open_timeout,
+                legacy=True,  # a connection the caller closes, not a context manager
             )
         except InvalidStatus as exc:
             raise _refused(exc) from None
@@ -164,6 +167,7 @@ def terminal_connect(
         return websockets.sync.client.connect(
             socket_url(config, terminal_socket(vm_id, cols, rows)),
             additional_headers={"Authorization": config.authorization()},
+            legacy=True,
         )
     except InvalidStatus as exc:
         raise _refused(exc) from None
