@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral.node.agent.client import AgentUnavailable, encode_request, exit_code, parse_user
+from corral.node.agent.client import connect, encode_request, exit_code, parse_user
 from corral.node.files import SandboxFiles
 from corral.runtime.syscalls import file_identity, openat2
 
@@ -227,14 +227,7 @@ async def start(
     if pty is not None:
         full["TERM"] = pty.term or "xterm"
     request = encode_request(args, full, cwd, uid, gid)
-    if len(request) > (1 << 20):
-        raise ValueError("command and environment are over 1 MiB together")
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        conn.connect(str(sock_path))
-    except OSError as exc:
-        conn.close()
-        raise AgentUnavailable(str(exc)) from exc
+    conn = connect(sock_path, request)
     ours: list[int] = []  # our ends, closed on failure
     theirs: list[int] = []  # the command's ends, always closed here once sent
     try:

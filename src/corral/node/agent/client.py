@@ -51,6 +51,19 @@ def exit_code(status: int) -> int:
     return 255
 
 
+def connect(sock_path: Path, request: bytes) -> socket.socket:
+    """A connection to the sandbox's command server for ``request`` (checked against its 1 MiB limit)."""
+    if len(request) > (1 << 20):
+        raise ValueError("command and environment are over 1 MiB together")
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        conn.connect(str(sock_path))
+    except OSError as exc:
+        conn.close()
+        raise AgentUnavailable(str(exc)) from exc
+    return conn
+
+
 def run_via_agent(
     sock_path: Path,
     args: Sequence[str],
@@ -64,16 +77,8 @@ def run_via_agent(
     """``kill_session(pid)``: ends the session of the command whose pid inside the sandbox is ``pid``, from the
     host. corral-init kills it too, but it runs inside the sandbox's CPU quota, which a fork bomb exhausts."""
     start = time.monotonic()
-    uid, gid = parse_user(user)
-    request = encode_request(args, env, cwd, uid, gid)
-    if len(request) > (1 << 20):
-        raise ValueError("command and environment are over 1 MiB together")
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        conn.connect(str(sock_path))
-    except OSError as exc:
-        conn.close()
-        raise AgentUnavailable(str(exc)) from exc
+    request = encode_request(args, env, cwd, *parse_user(user))
+    conn = connect(sock_path, request)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     sel = selectors.DefaultSelector()
