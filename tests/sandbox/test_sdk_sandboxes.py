@@ -19,8 +19,10 @@ from corral.sdk.models import ExecExit, ExecOutput, Vm
 from tests.support import Server, signup
 from tests.vmtools import public_key, unique_name
 
+# the counter's file is replaced whole (written beside it, then renamed), so a read never meets it empty
 COUNTER = (
-    "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /root/count; sleep 0.02; done' >/dev/null 2>&1 & "
+    "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /root/count.new; mv /root/count.new /root/count; "
+    "sleep 0.02; done' >/dev/null 2>&1 & "
     "echo $! > /root/counter.pid"
 )
 
