@@ -9,17 +9,19 @@ from pathlib import Path
 import pytest
 
 from tests.support import Account, Server, running_server, signup
+from tests.vmtools import unmount_v1
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _restore_cgroup_layout(_leaves_the_host_as_it_found_it: None) -> Iterator[None]:
     """A node server mounts the hugetlb cgroup hierarchy (crun needs it on this host): unmount it after
-    the run if it was not there before, so the run leaves the machine as it found it."""
+    the run if it was not there before, and see the kernel let it go (not kept unmounted, to vanish under the
+    next run), so the run leaves the machine as it found it."""
     target = Path("/sys/fs/cgroup/hugetlb")
     was_mounted = os.path.ismount(target)
     yield
     if not was_mounted and os.path.ismount(target):
-        subprocess.run(["umount", str(target)], check=False)
+        unmount_v1("hugetlb")
         with contextlib.suppress(OSError):
             target.rmdir()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,38 @@ def _cgroup_hierarchies() -> list[Path]:
     if (CGROUP_ROOT / "cgroup.controllers").exists():  # pure v2: one tree
         return [CGROUP_ROOT]
     return sorted(p for p in CGROUP_ROOT.iterdir() if p.is_dir() and not p.is_symlink() and p.is_mount())
+
+
+def v1_hierarchy_of(controller: str) -> str | None:
+    """The v1 hierarchy id the kernel has ``controller`` in (``"0"``: none, it is in the unified tree)."""
+    for line in Path("/proc/cgroups").read_text().splitlines():
+        fields = line.split()
+        if fields and fields[0] == controller:
+            return fields[1]
+    return None
+
+
+def unmount_v1(controller: str, timeout: float = 10.0) -> None:
+    """Unmount ``controller``'s v1 hierarchy at ``CGROUP_ROOT/<controller>`` and see the kernel let it go.
+
+    A hierarchy unmounted while it still has children (cgroups removed but not yet freed count) is kept,
+    unmounted, and let go only by a later mount and unmount of it when it has none: CRIU does that when it
+    dumps or restores, and every boot after it fails on a node that relied on the hierarchy. So this mounts
+    it again elsewhere and unmounts it until the kernel hands the controller back to the unified tree."""
+    target = CGROUP_ROOT / controller
+    subprocess.run(["umount", str(target)], check=True)
+    deadline = time.monotonic() + timeout
+    while v1_hierarchy_of(controller) not in ("0", None):
+        assert time.monotonic() < deadline, f"the kernel keeps the {controller} hierarchy"
+        time.sleep(0.05)
+        if v1_hierarchy_of(controller) in ("0", None):
+            break
+        spare = Path(tempfile.mkdtemp(prefix=f"corral-{controller}-"))
+        try:
+            subprocess.run(["mount", "-t", "cgroup", "-o", controller, "cgroup", str(spare)], check=True)
+            subprocess.run(["umount", str(spare)], check=True)
+        finally:
+            spare.rmdir()
 
 
 def cgroup_parents(node_id: str) -> list[Path]:

@@ -61,7 +61,8 @@ def test_pure_v2_is_one_tree(v2: Path) -> None:
     assert cgroups.is_pure_v2(v2)
     assert cgroups.hierarchies(v2) == [v2]
     assert cgroups.children("corral-n1", v2) == {"vm_a", "vm_b"}
-    assert cgroups.ensure_hugetlb_v1(v2) is False  # nothing to do on v2
+    assert cgroups.ensure_hybrid_layout(v2, mount=_no_mount) == []  # nothing to do on v2
+    assert cgroups.unified_is_empty(v2)
 
 
 def test_hybrid_sees_every_controller(hybrid: Path) -> None:
@@ -93,3 +94,87 @@ def test_procs_and_stats_read_either_layout(v2: Path, hybrid: Path) -> None:
     (hybrid / "memory" / "corral-n1" / "vm_a" / "memory.usage_in_bytes").write_text("8192\n")
     assert cgroups.read_stat("corral-n1", "vm_a", "memory", "memory.usage_in_bytes", hybrid) == "8192"
     assert cgroups.read_stat("corral-n1", "vm_zz", "memory", "memory.usage_in_bytes", hybrid) is None
+
+
+def _no_mount(controller: str, target: Path) -> None:
+    raise AssertionError(f"a test tried to mount {controller} at {target}")
+
+
+# what this machine's kernel shows (hybrid: v1 controllers, a named systemd tree, an empty unified tree)
+PROC_CGROUPS = """#subsys_name\thierarchy\tnum_cgroups\tenabled
+cpuset\t3\t1\t1
+cpu\t1\t1\t1
+cpuacct\t2\t1\t1
+blkio\t7\t1\t1
+memory\t4\t27\t1
+devices\t5\t1\t1
+freezer\t6\t1\t1
+net_cls\t0\t1\t1
+perf_event\t0\t1\t1
+net_prio\t0\t1\t1
+hugetlb\t{hugetlb}\t1\t1
+pids\t8\t1\t1
+rdma\t9\t1\t0
+"""
+MOUNTINFO = """31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+34 31 0:31 / /sys/fs/cgroup/cpuset rw,relatime - cgroup cgroup rw,cpuset
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+36 31 0:33 / /sys/fs/cgroup/devices rw,relatime - cgroup cgroup rw,devices
+37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
+38 31 0:35 / /sys/fs/cgroup/blkio rw,relatime - cgroup cgroup rw,blkio
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+HUGETLB_MOUNTED = "42 31 0:39 / /sys/fs/cgroup/hugetlb rw,relatime - cgroup cgroup rw,hugetlb\n"
+
+
+def test_a_controller_in_the_unified_tree_is_mounted() -> None:
+    """hugetlb in no v1 hierarchy (hierarchy 0) is listed by the unified tree, which crun refuses."""
+    assert cgroups.controllers_to_mount(PROC_CGROUPS.format(hugetlb=0), MOUNTINFO, "hugetlb\n") == ["hugetlb"]
+
+
+def test_a_v1_hierarchy_nothing_mounts_is_mounted_again() -> None:
+    """Unmounted while it had children, hugetlb's hierarchy (11) lives on with the unified tree empty, until
+    the kernel lets it go at a moment of its own: it is mounted again (which pins it) before that."""
+    assert cgroups.controllers_to_mount(PROC_CGROUPS.format(hugetlb=11), MOUNTINFO, "") == ["hugetlb"]
+
+
+def test_a_host_as_crun_needs_it_needs_nothing() -> None:
+    mountinfo = MOUNTINFO + HUGETLB_MOUNTED
+    assert cgroups.controllers_to_mount(PROC_CGROUPS.format(hugetlb=11), mountinfo, "") == []
+    # controllers mounted together count for each; v1-only ones with no hierarchy and disabled ones are not
+    # crun's business
+    joined = MOUNTINFO.replace("rw,cpu\n", "rw,cpu,cpuacct\n").replace(
+        "33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct\n", ""
+    )
+    assert cgroups.controllers_to_mount(PROC_CGROUPS.format(hugetlb=11), joined + HUGETLB_MOUNTED, "") == []
+    assert cgroups.controllers_to_mount("", "", "") == []
+
+
+def test_ensure_hybrid_layout_mounts_what_is_missing(tmp_path: Path) -> None:
+    root = tmp_path / "cgroup"
+    (root / "unified").mkdir(parents=True)
+    (root / "unified" / "cgroup.controllers").write_text("hugetlb\n")
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "cgroups").write_text(PROC_CGROUPS.format(hugetlb=0))
+    (proc / "self" / "mountinfo").write_text(MOUNTINFO)
+    mounted: list[tuple[str, Path]] = []
+
+    def mount(controller: str, target: Path) -> None:
+        assert target.is_dir()
+        mounted.append((controller, target))
+
+    assert not cgroups.unified_is_empty(root)
+    assert cgroups.ensure_hybrid_layout(root, proc=proc, mount=mount) == ["hugetlb"]
+    assert mounted == [("hugetlb", root / "hugetlb")]
+
+    # once it is mounted (as the kernel then shows), nothing more
+    (root / "unified" / "cgroup.controllers").write_text("")
+    (proc / "cgroups").write_text(PROC_CGROUPS.format(hugetlb=11))
+    (proc / "self" / "mountinfo").write_text(MOUNTINFO + HUGETLB_MOUNTED)
+    assert cgroups.unified_is_empty(root)
+    assert cgroups.ensure_hybrid_layout(root, proc=proc, mount=_no_mount) == []

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -98,6 +99,7 @@ class LocalNode:
     helpers: ThreadPoolExecutor = field(
         init=False, default_factory=lambda: ThreadPoolExecutor(8, thread_name_prefix="node-helper")
     )
+    _layout_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -125,7 +127,7 @@ class LocalNode:
                 f"the node's directory {c.root} cannot hold a device node (nodev?): {exc}"
             ) from exc
         if c.runtime is Runtime.CRUN:
-            cgroups.ensure_hugetlb_v1()
+            self._mount_cgroup_layout()
             with contextlib.suppress(CommandFailed):  # without CRIU there is no sandbox state, the rest works
                 self.runtime = dataclasses.replace(self.runtime, criu_env=criu_tools(c.root / "criu-bin"))
         (c.root / "state").mkdir(mode=0o700, exist_ok=True)
@@ -157,6 +159,24 @@ class LocalNode:
 
     # ---- sandboxes ------------------------------------------------------------------------------------------
 
+    def ensure_cgroup_layout(self) -> None:
+        """crun's precondition on a hybrid host (no controller in the unified tree), checked before each boot
+        and restore: one small read. A controller can come back to that tree while the node runs (a v1
+        hierarchy unmounted under it, which the kernel lets go later); it is mounted again here."""
+        if self.config.runtime is Runtime.CRUN and not cgroups.unified_is_empty():
+            self._mount_cgroup_layout()
+
+    def _mount_cgroup_layout(self) -> None:
+        with self._layout_lock:
+            try:
+                mounted = cgroups.ensure_hybrid_layout()
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise NodeError(f"the host's cgroup layout cannot be made ready for crun: {exc}") from exc
+        if mounted:
+            log.info(
+                "mounted the cgroup v1 controller(s) %s (crun needs them out of the unified tree)", mounted
+            )
+
     def boot(self, cid: str, image: Image, res: Resources, hostname: str, *, fresh: bool) -> int:
         """Boot sandbox ``cid`` from ``image``: on a new disk when ``fresh``, else on its existing disk.
         Returns the init's host PID. On failure nothing it made is left (a fresh disk is removed too)."""
@@ -175,6 +195,7 @@ class LocalNode:
             # while it starts it: neither depends on the other (together ~10 ms off a cold boot)
             seeding = self._beside(self._seed_network, cid, target) if self.gateway is not None else None
             self.write_config(cid, image, res, hostname, init_binary, agent)
+            self.ensure_cgroup_layout()
             try:
                 if not agent:
                     pid = self.runtime.create(cid, bundle)

@@ -345,6 +345,7 @@ class NodeState:
                 volume = node.volume(cid)
             bundle, init_binary, agent = node.mount_root(cid, image, volume)
             node.write_config(cid, image, res, hostname, init_binary, agent)
+            node.ensure_cgroup_layout()
             with steps("restore"):
                 pid = node.runtime.restore(cid, bundle, memory, bundle / "criu")
                 self._keep_seccomp(cid)

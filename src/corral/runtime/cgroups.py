@@ -11,6 +11,7 @@ import contextlib
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -20,21 +21,74 @@ def is_pure_v2(root: Path = CGROUP_ROOT) -> bool:
     return (root / "cgroup.controllers").exists()
 
 
-def ensure_hugetlb_v1(root: Path = CGROUP_ROOT) -> bool:
-    """crun refuses a hybrid host whose unified hierarchy holds controllers ("cgroups in hybrid mode not
-    supported"): on such hosts hugetlb sits there, so mount it as its own v1 hierarchy. Idempotent; returns
-    True when it mounted it now."""
+def controllers_to_mount(proc_cgroups: str, mountinfo: str, unified_controllers: str) -> list[str]:
+    """The v1 controllers to mount on a hybrid host before crun runs (pure: the texts of /proc/cgroups,
+    /proc/self/mountinfo and the unified tree's cgroup.controllers).
+
+    crun refuses a hybrid host whose unified tree holds any controller ("cgroups in hybrid mode not
+    supported"). A controller is in that tree when no v1 hierarchy has it (hugetlb on this kernel); it is
+    also bound to come back there when it sits in a v1 hierarchy that nothing mounts any more (unmounted
+    while it still had child cgroups: the kernel keeps it, then lets it go at a moment of its own, and from
+    then on every boot and restore fails). Both kinds are mounted as their own hierarchy: a new one for the
+    first, the kept one again for the second (the kernel reuses it), which pins it."""
+    mounted: set[str] = set()
+    for line in mountinfo.splitlines():
+        _fields, sep, tail = line.partition(" - ")
+        fields = tail.split()
+        if sep and len(fields) >= 3 and fields[0] == "cgroup":
+            mounted.update(fields[2].split(","))
+    wanted = set(unified_controllers.split())
+    for line in proc_cgroups.splitlines():
+        fields = line.split()
+        if line.startswith("#") or len(fields) < 4:
+            continue
+        name, hierarchy, enabled = fields[0], fields[1], fields[3]
+        if enabled == "1" and hierarchy != "0" and name not in mounted:
+            wanted.add(name)
+    return sorted(wanted - mounted)
+
+
+def ensure_hybrid_layout(
+    root: Path = CGROUP_ROOT,
+    *,
+    proc: Path = Path("/proc"),
+    mount: Callable[[str, Path], None] | None = None,
+) -> list[str]:
+    """Mount, as ``root/<name>``, each controller ``controllers_to_mount`` names (nothing on a pure v2
+    host, or on a hybrid one that is already as crun needs it). Idempotent; returns what it mounted."""
     unified = root / "unified" / "cgroup.controllers"
-    if is_pure_v2(root) or not unified.exists() or not unified.read_text().split():
-        return False
-    target = root / "hugetlb"
-    if os.path.ismount(target):
-        return False
-    target.mkdir(exist_ok=True)
+    if is_pure_v2(root) or not unified.exists():
+        return []
+    wanted = controllers_to_mount(_read(proc / "cgroups"), _read(proc / "self" / "mountinfo"), _read(unified))
+    for name in wanted:
+        target = root / name
+        target.mkdir(exist_ok=True)
+        (mount or mount_v1)(name, target)
+    return wanted
+
+
+def mount_v1(controller: str, target: Path, *, timeout: float = 10.0) -> None:
+    """``controller`` as a v1 hierarchy at ``target`` (a hierarchy the kernel is still tearing down makes
+    mount wait for it: bounded)."""
     subprocess.run(
-        ["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", str(target)], check=True, capture_output=True
+        ["mount", "-t", "cgroup", "-o", controller, "cgroup", str(target)],
+        check=True,
+        capture_output=True,
+        timeout=timeout,
     )
-    return True
+
+
+def unified_is_empty(root: Path = CGROUP_ROOT) -> bool:
+    """True unless the unified tree of a hybrid host holds a controller (what crun refuses)."""
+    unified = root / "unified" / "cgroup.controllers"
+    return is_pure_v2(root) or not _read(unified).split()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def hierarchies(root: Path = CGROUP_ROOT) -> list[Path]:

@@ -17,6 +17,7 @@ _DESCRIPTIONS = {
     409: "Conflict",
     422: "Validation error",
     429: "Rate limited; see the Retry-After header",
+    500: "The host could not capture or restore the sandbox (`state_failed`); the VM is left as it was",
 }
 
 

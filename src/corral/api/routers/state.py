@@ -159,7 +159,7 @@ async def delete_snapshot(snapshot_id: SnapshotId, who: PrincipalDep, st: StateD
     summary="Hibernate a VM",
     description="Saves the VM's memory and processes (its disk stays) and frees its CPU and memory: `stopped` / "
     "`hibernated`. Resume brings it back with its processes as they were. Open network connections are not kept.",
-    responses=errors(*AUTHED, 404, 409),
+    responses=errors(*AUTHED, 404, 409, 500),
 )
 async def hibernate_vm(vm_id: VmId, who: PrincipalDep, st: StateDep) -> VmOut:
     return vm_out(await run_in_threadpool(saved_of(st).hibernate, who.user_id, vm_id))
@@ -170,7 +170,7 @@ async def hibernate_vm(vm_id: VmId, who: PrincipalDep, st: StateDep) -> VmOut:
     response_model=VmOut,
     summary="Resume a hibernated VM",
     description="Restores the processes and memory of a `hibernated` VM. Returns the VM, `running` / `ready`.",
-    responses=errors(*AUTHED, 404, 409),
+    responses=errors(*AUTHED, 404, 409, 500),
 )
 async def resume_vm(vm_id: VmId, who: PrincipalDep, st: StateDep) -> VmOut:
     return vm_out(await run_in_threadpool(saved_of(st).resume, who.user_id, vm_id))
@@ -184,7 +184,7 @@ async def resume_vm(vm_id: VmId, who: PrincipalDep, st: StateDep) -> VmOut:
     description="Makes `count` new running VMs (1 to 16) with the source's disk and memory at one instant; the "
     "source keeps running. Each child has its own ID, name (`<source name>-fork-<id>`), hostname and network "
     "address; unchanged disk blocks are shared, not copied.",
-    responses=errors(*AUTHED, 404, 409, 422),
+    responses=errors(*AUTHED, 404, 409, 422, 500),
 )
 async def fork_vm(
     vm_id: VmId, who: PrincipalDep, st: StateDep, body: ForkRequest | None = None
@@ -204,7 +204,7 @@ async def fork_vm(
     summary="Create a checkpoint",
     description="A named, local restore point of a running VM: its disk and (unless `disk_only`) its memory and "
     "processes. Roll back to it with POST /v1/vms/{vm_id}/rollback.",
-    responses=errors(*AUTHED, 404, 409, 422),
+    responses=errors(*AUTHED, 404, 409, 422, 500),
 )
 async def create_checkpoint(
     vm_id: VmId, body: CheckpointCreateRequest, who: PrincipalDep, st: StateDep
@@ -268,7 +268,7 @@ async def delete_checkpoint(
     summary="Roll a VM back to a checkpoint",
     description="Puts the VM's disk and (if the checkpoint has them) its processes back as they were at the "
     "checkpoint; what happened since is discarded. The checkpoint stays. Returns the VM, `running` / `ready`.",
-    responses=errors(*AUTHED, 404, 409, 422),
+    responses=errors(*AUTHED, 404, 409, 422, 500),
 )
 async def rollback_vm(vm_id: VmId, body: RollbackRequest, who: PrincipalDep, st: StateDep) -> VmOut:
     return vm_out(await run_in_threadpool(saved_of(st).rollback, who.user_id, vm_id, body.checkpoint_id))
