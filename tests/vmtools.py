@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from corral.runtime import cgroups
 
 _KEY_DIR = Path(__file__).resolve().parent.parent / ".cache" / "test-keys"
 
@@ -94,11 +98,22 @@ def _cgroup_hierarchies() -> list[Path]:
 
 def v1_hierarchy_of(controller: str) -> str | None:
     """The v1 hierarchy id the kernel has ``controller`` in (``"0"``: none, it is in the unified tree)."""
-    for line in Path("/proc/cgroups").read_text().splitlines():
-        fields = line.split()
-        if fields and fields[0] == controller:
-            return fields[1]
-    return None
+    return cgroups.v1_hierarchies(Path("/proc/cgroups").read_text()).get(controller)
+
+
+@contextlib.contextmanager
+def spare_v1_mount(controller: str) -> Iterator[Path]:
+    """``controller``'s v1 hierarchy mounted at a place of its own (the kernel's kept one, if it has one),
+    unmounted afterwards."""
+    spare = Path(tempfile.mkdtemp(prefix=f"corral-{controller}-"))
+    try:
+        cgroups.mount_v1(controller, spare)
+        try:
+            yield spare
+        finally:
+            subprocess.run(["umount", str(spare)], check=True)
+    finally:
+        spare.rmdir()
 
 
 def unmount_v1(controller: str, timeout: float = 10.0) -> None:
@@ -108,20 +123,14 @@ def unmount_v1(controller: str, timeout: float = 10.0) -> None:
     unmounted, and let go only by a later mount and unmount of it when it has none: CRIU does that when it
     dumps or restores, and every boot after it fails on a node that relied on the hierarchy. So this mounts
     it again elsewhere and unmounts it until the kernel hands the controller back to the unified tree."""
-    target = CGROUP_ROOT / controller
-    subprocess.run(["umount", str(target)], check=True)
+    subprocess.run(["umount", str(CGROUP_ROOT / controller)], check=True)
     deadline = time.monotonic() + timeout
     while v1_hierarchy_of(controller) not in ("0", None):
         assert time.monotonic() < deadline, f"the kernel keeps the {controller} hierarchy"
         time.sleep(0.05)
-        if v1_hierarchy_of(controller) in ("0", None):
-            break
-        spare = Path(tempfile.mkdtemp(prefix=f"corral-{controller}-"))
-        try:
-            subprocess.run(["mount", "-t", "cgroup", "-o", controller, "cgroup", str(spare)], check=True)
-            subprocess.run(["umount", str(spare)], check=True)
-        finally:
-            spare.rmdir()
+        if v1_hierarchy_of(controller) not in ("0", None):
+            with spare_v1_mount(controller):
+                pass
 
 
 def cgroup_parents(node_id: str) -> list[Path]:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +24,15 @@ import pytest
 
 from corral.runtime import cgroups
 from tests.support import Server, node_server, signup
-from tests.vmtools import create_ready, destroy, run, unmount_v1, v1_hierarchy_of, wait_detail
+from tests.vmtools import (
+    create_ready,
+    destroy,
+    run,
+    spare_v1_mount,
+    unmount_v1,
+    v1_hierarchy_of,
+    wait_detail,
+)
 
 ROOT = Path("/sys/fs/cgroup")
 HUGETLB = ROOT / "hugetlb"
@@ -60,20 +66,6 @@ def _unmount_hugetlb() -> None:
 KEPT_CHILD = "corral-layout-test"
 
 
-@contextlib.contextmanager
-def _spare_mount() -> Iterator[Path]:
-    """The hugetlb hierarchy mounted at a place of its own (the kernel's kept one, if it has one)."""
-    spare = Path(tempfile.mkdtemp(prefix="corral-hugetlb-"))
-    try:
-        subprocess.run(["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", str(spare)], check=True)
-        try:
-            yield spare
-        finally:
-            subprocess.run(["umount", str(spare)], check=True)
-    finally:
-        spare.rmdir()
-
-
 @pytest.fixture(scope="module")
 def kept_hierarchy() -> Iterator[str]:
     """A hugetlb hierarchy the kernel keeps unmounted (unmounted while it had a child), as a test run, or
@@ -83,7 +75,7 @@ def kept_hierarchy() -> Iterator[str]:
         if any(p.is_dir() for p in HUGETLB.iterdir()):
             pytest.skip("the hugetlb hierarchy holds other cgroups: these tests would disturb them")
         unmount_v1("hugetlb")
-    with _spare_mount() as spare:
+    with spare_v1_mount("hugetlb") as spare:
         (spare / KEPT_CHILD).mkdir()
     assert cgroups.unified_is_empty()
     assert not os.path.ismount(HUGETLB)
@@ -93,7 +85,7 @@ def kept_hierarchy() -> Iterator[str]:
     remounted = not os.path.ismount(HUGETLB)  # a failed test: the node did not mount it
     if remounted:
         HUGETLB.mkdir(exist_ok=True)
-        subprocess.run(["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", str(HUGETLB)], check=True)
+        cgroups.mount_v1("hugetlb", HUGETLB)
     with contextlib.suppress(FileNotFoundError):
         (HUGETLB / KEPT_CHILD).rmdir()
     if remounted:

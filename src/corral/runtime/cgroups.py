@@ -37,34 +37,19 @@ def controllers_to_mount(proc_cgroups: str, mountinfo: str, unified_controllers:
         fields = tail.split()
         if sep and len(fields) >= 3 and fields[0] == "cgroup":
             mounted.update(fields[2].split(","))
-    wanted = set(unified_controllers.split())
+    kept = {name for name, hierarchy in v1_hierarchies(proc_cgroups).items() if hierarchy != "0"}
+    return sorted((set(unified_controllers.split()) | kept) - mounted)
+
+
+def v1_hierarchies(proc_cgroups: str) -> dict[str, str]:
+    """Each enabled controller's v1 hierarchy id, from the text of /proc/cgroups (``"0"``: in no v1
+    hierarchy; on a hybrid host, in the unified tree if it is a v2 controller)."""
+    out: dict[str, str] = {}
     for line in proc_cgroups.splitlines():
         fields = line.split()
-        if line.startswith("#") or len(fields) < 4:
-            continue
-        name, hierarchy, enabled = fields[0], fields[1], fields[3]
-        if enabled == "1" and hierarchy != "0" and name not in mounted:
-            wanted.add(name)
-    return sorted(wanted - mounted)
-
-
-def ensure_hybrid_layout(
-    root: Path = CGROUP_ROOT,
-    *,
-    proc: Path = Path("/proc"),
-    mount: Callable[[str, Path], None] | None = None,
-) -> list[str]:
-    """Mount, as ``root/<name>``, each controller ``controllers_to_mount`` names (nothing on a pure v2
-    host, or on a hybrid one that is already as crun needs it). Idempotent; returns what it mounted."""
-    unified = root / "unified" / "cgroup.controllers"
-    if is_pure_v2(root) or not unified.exists():
-        return []
-    wanted = controllers_to_mount(_read(proc / "cgroups"), _read(proc / "self" / "mountinfo"), _read(unified))
-    for name in wanted:
-        target = root / name
-        target.mkdir(exist_ok=True)
-        (mount or mount_v1)(name, target)
-    return wanted
+        if not line.startswith("#") and len(fields) >= 4 and fields[3] == "1":
+            out[fields[0]] = fields[1]
+    return out
 
 
 def mount_v1(controller: str, target: Path, *, timeout: float = 10.0) -> None:
@@ -76,6 +61,25 @@ def mount_v1(controller: str, target: Path, *, timeout: float = 10.0) -> None:
         capture_output=True,
         timeout=timeout,
     )
+
+
+def ensure_hybrid_layout(
+    root: Path = CGROUP_ROOT,
+    *,
+    proc: Path = Path("/proc"),
+    mount: Callable[[str, Path], None] = mount_v1,
+) -> list[str]:
+    """Mount, as ``root/<name>``, each controller ``controllers_to_mount`` names (nothing on a pure v2
+    host, or on a hybrid one that is already as crun needs it). Idempotent; returns what it mounted."""
+    unified = root / "unified" / "cgroup.controllers"
+    if is_pure_v2(root) or not unified.exists():
+        return []
+    wanted = controllers_to_mount(_read(proc / "cgroups"), _read(proc / "self" / "mountinfo"), _read(unified))
+    for name in wanted:
+        target = root / name
+        target.mkdir(exist_ok=True)
+        mount(name, target)
+    return wanted
 
 
 def unified_is_empty(root: Path = CGROUP_ROOT) -> bool:
