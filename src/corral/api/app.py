@@ -21,6 +21,7 @@ from corral.api.routers import (
     egress,
     env,
     execs,
+    files,
     health,
     proxy,
     secrets,
@@ -169,7 +170,22 @@ def create_app(
     )
     errors.install(app)
     docs.install(app)
-    for module in (health, users, auth, env, secrets, egress, audit, usage, vms, execs, state, access, proxy):
+    for module in (
+        health,
+        users,
+        auth,
+        env,
+        secrets,
+        egress,
+        audit,
+        usage,
+        vms,
+        execs,
+        files,
+        state,
+        access,
+        proxy,
+    ):
         app.include_router(module.router)
     app.include_router(vms.images_router)
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
