@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -10,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from corral.domain.errors import CorralError, RateLimited
 
@@ -56,7 +58,56 @@ def describe_validation(errors: Sequence[Any]) -> tuple[int, str, str]:
     return 422, "validation_error", msgs
 
 
+_INTERNAL = {"error": {"code": "internal_error", "message": "Internal server error"}}
+
+
+class CatchUnhandled:
+    """Answers an error no handler knows with the 500 envelope and ends the request there.
+
+    Starlette's own last resort sends the same answer but then re-raises to the server, and uvicorn closes
+    the keep-alive connection: the client's next request on it met a reset. Here the error is logged once,
+    with its traceback, and the connection stays usable. An error after the answer has started (a streamed
+    body) cannot be answered any more and still goes to the server, which ends that connection.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            if started:
+                raise
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            body = json.dumps(_INTERNAL).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+
+
 def install(app: FastAPI) -> None:
+    app.add_middleware(CatchUnhandled)
+
     @app.exception_handler(CorralError)
     async def _corral(_: Request, exc: CorralError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
