@@ -125,6 +125,9 @@ class Settings:
     rate_limit_burst: int = 100
     anon_rate_limit_per_minute: int = 60  # per client address, for the endpoints without auth
     anon_rate_limit_burst: int = 20
+    # proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks); none by default:
+    # the client is the socket's peer (rate limits, logs)
+    trusted_proxies: tuple[str, ...] = ()
     max_body_bytes: int = 1024 * 1024
     device_code_ttl_seconds: int = 900
     node: bool = True  # run sandboxes on this host (CORRAL_NODE=off: the API only, VM calls answer 503)
@@ -177,6 +180,7 @@ class Settings:
             rate_limit_burst=_int(env, "CORRAL_RATE_LIMIT_BURST", 100),
             anon_rate_limit_per_minute=_int(env, "CORRAL_ANON_RATE_LIMIT_PER_MINUTE", 60),
             anon_rate_limit_burst=_int(env, "CORRAL_ANON_RATE_LIMIT_BURST", 20),
+            trusted_proxies=_cidrs(env, "CORRAL_TRUSTED_PROXIES", ()),
             max_body_bytes=_int(env, "CORRAL_MAX_BODY_BYTES", 1024 * 1024),
             device_code_ttl_seconds=_int(env, "CORRAL_DEVICE_CODE_TTL", 900),
             node=_flag(env, "CORRAL_NODE", True),

@@ -36,7 +36,18 @@ def serve(
     os.environ.setdefault("CORRAL_SSH_LISTEN", host)  # SSH where the API is, unless told otherwise
     with image_progress() as progress:
         application = create_app(progress=progress)
-    uvicorn.run(application, host=host, port=port, log_level=log_level, server_header=False)
+    # X-Forwarded-* only from the proxies the operator names (CORRAL_TRUSTED_PROXIES), never by default:
+    # uvicorn's own default believes any client on loopback, which let one rotate its rate-limit address
+    trusted = list(application.state.corral.settings.trusted_proxies)
+    uvicorn.run(
+        application,
+        host=host,
+        port=port,
+        log_level=log_level,
+        server_header=False,
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted or [],
+    )
 
 
 @app.command()
