@@ -27,7 +27,7 @@ from corral.node.pool import PoolKey, WarmPool
 from corral.node.state import NodeState, hibernate_key
 from corral.runtime.cgroup_usage import CgroupUsage, UsageReader
 from corral.runtime.images import Image
-from corral.services import vms
+from corral.services import failures, vms
 from corral.services.timers import Timers
 from corral.services.usage import UsageMeter
 from corral.store.db import transaction
@@ -298,8 +298,9 @@ class Lifecycle:
                     vm.container_id or vm.id, image, self._resources(vm), hostname_for(vm_id), fresh=False
                 )
             except Exception as exc:
-                self._move(vm_id, Detail.FAILED, Detail.STARTING, reason=_reason(exc))
-                raise VmFailed(f"VM failed to start: {_reason(exc)}") from None
+                why = _failed("start", vm_id, exc)
+                self._move(vm_id, Detail.FAILED, Detail.STARTING, reason=why)
+                raise VmFailed(f"VM failed to start: {why}") from None
             self._come_up(vm_id)
             return self._load(vm_id)
 
@@ -317,8 +318,9 @@ class Lifecycle:
         try:
             self.node.stop(vm.container_id or vm.id)
         except Exception as exc:
-            self._move(vm.id, Detail.FAILED, Detail.STOPPING, reason=_reason(exc))
-            raise VmFailed(f"VM failed to stop: {_reason(exc)}") from None
+            why = _failed("stop", vm.id, exc)
+            self._move(vm.id, Detail.FAILED, Detail.STOPPING, reason=why)
+            raise VmFailed(f"VM failed to stop: {why}") from None
         self._move(vm.id, Detail.STOPPED, Detail.STOPPING)
 
     def destroy(self, user_id: str, vm_id: str) -> None:
@@ -341,8 +343,9 @@ class Lifecycle:
                 if self.on_destroy is not None:
                     self.on_destroy(vm.container_id, vm.id)
         except Exception as exc:
-            self._move(vm.id, Detail.FAILED, Detail.DESTROYING, reason=_reason(exc))
-            raise VmFailed(f"VM failed to be destroyed: {_reason(exc)}") from None
+            why = _failed("destroy", vm.id, exc)
+            self._move(vm.id, Detail.FAILED, Detail.DESTROYING, reason=why)
+            raise VmFailed(f"VM failed to be destroyed: {why}") from None
         self._move(vm.id, Detail.DESTROYED, Detail.DESTROYING)
 
     # ---- auto-destroy -----------------------------------------------------------------------------------------
@@ -544,8 +547,12 @@ class Lifecycle:
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, CorralError):
-        return exc.message
-    if isinstance(exc, NodeError):
-        return str(exc)
-    return f"internal error: {type(exc).__name__}"
+    """What failed, in words for the VM's owner (its ``failure_reason``): no host path, no raw stderr."""
+    return failures.describe(exc, safe=(NodeError,))
+
+
+def _failed(action: str, vm_id: str, exc: BaseException) -> str:
+    """The reason for a failed ``action``, and its full detail (stderr, paths, traceback) in the log."""
+    why = _reason(exc)
+    log.error("%s of %s failed: %s", action, vm_id, why, exc_info=exc)
+    return why
