@@ -25,6 +25,7 @@ from corral.api.routers import (
     health,
     proxy,
     secrets,
+    node,
     state,
     usage,
     users,
@@ -34,7 +35,7 @@ from corral.config import Settings, prepare_data_dir
 from corral.domain.clock import Clock, SystemClock
 from corral.domain.ratelimit import Limit, RateLimiter
 from corral.egress.supervisor import EgressSupervisor
-from corral.node.setup import ensure_default_image, make_node
+from corral.node.setup import admit_creates, ensure_default_image, make_node
 from corral.node.snapstore import LocalSnapshotStore
 from corral.runtime.images import Progress
 from corral.security.secretbox import AesGcmCipher, load_or_create_key
@@ -84,6 +85,7 @@ def make_lifecycle(
     )
     saved = StateService(life, LocalSnapshotStore(settings.snapshots_path))
     life.saved_state = saved
+    admit_creates(life, settings)
     life.on_destroy = saved.forget_vm
     result = life.reconcile()
     saved.reconcile()
@@ -191,3 +193,4 @@ def create_app(
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
     app.openapi = lambda: openapi.build(app)  # type: ignore[method-assign]
     return app
+        node,

@@ -78,7 +78,37 @@ def reset(yes: Annotated[bool, typer.Option("--yes", help="Do not ask")] = False
         typer.confirm(f"Remove every sandbox under {settings.data_dir / 'node'}?", abort=True)
     node = make_node(settings)
     node.attach()
-    node.teardown()
+    for line in node.teardown():
+        err.print(f"[yellow]left on the host: {line}[/yellow]")
+
+
+@node_app.command("show")
+def show() -> None:
+    """This node's capacity, what VMs have committed and what they use (GET /v1/node; operators only)."""
+    import httpx
+
+    from corral.cli import credentials
+    from corral.cli.errors import raise_for
+
+    creds = credentials.load()
+    with httpx.Client(base_url=creds.url, timeout=30.0) as client:
+        resp = client.get("/v1/node", headers={"Authorization": f"Bearer {creds.api_key or ''}"})
+    raise_for(resp)
+    node = resp.json()
+    table = Table("", "VCPUS", "MEMORY (MiB)", "DISK (MiB)")
+    for row in ("capacity", "admittable", "committed"):
+        table.add_row(row, *(str(node[row][k]) for k in ("vcpus", "mem_mib", "disk_mib")))
+    used = node["used"]
+    table.add_row(
+        "used",
+        "",
+        "" if used["mem_bytes"] is None else str(used["mem_bytes"] >> 20),
+        "" if used["disk_bytes"] is None else str(used["disk_bytes"] >> 20),
+    )
+    out.print(
+        f"node {node['id']}: {node['committed']['vms']} VMs, {node['committed']['warm_pool']} in the warm pool"
+    )
+    out.print(table)
 
 
 @app.command("rm")

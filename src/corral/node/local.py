@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from corral.domain.capacity import NodeCapacity
 from corral.net import plan as netplan
 from corral.net.gateway import Gateway, NetworkError
 from corral.net.plan import NetPlan
@@ -32,6 +33,7 @@ from corral.node.execution import Event, run_streaming
 from corral.node.files import FileError, SandboxFiles
 from corral.node.interactive import Pty, Session
 from corral.runtime import cgroups, rootfs
+from corral.runtime import disk as diskpool
 from corral.runtime.argv import RuntimeCli
 from corral.runtime.disk import DiskPool
 from corral.runtime.driver import OciRuntime, criu_tools
@@ -57,7 +59,10 @@ class NodeConfig:
     runtime: Runtime = Runtime.CRUN
     id_base: int = 100000
     id_size: int = 65536
-    disk_pool_bytes: int = 64 * GIB  # sparse: only what sandboxes write takes space
+    disk_pool_bytes: int | None = None  # sparse; None: the filesystem's free space less the reserve
+    disk_reserve_bytes: int | None = None  # left free on the host's filesystem; None: disk.host_reserve_bytes
+    mem_limit_bytes: int | None = None  # every sandbox together; None: the host's memory less the reserve
+    mem_reserve_bytes: int | None = None  # None: cgroups.memory_reserve_bytes
     # corral-init (built by `make install`) when present: it also runs commands (~1 ms); else catatonit,
     # and commands go through the runtime's exec (~9 ms)
     init_binary: str | None = None
@@ -100,6 +105,8 @@ class LocalNode:
         init=False, default_factory=lambda: ThreadPoolExecutor(8, thread_name_prefix="node-helper")
     )
     _layout_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    # what all sandboxes share (the parent cgroup's and qgroup's limits), known after ``prepare``
+    capacity: NodeCapacity | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -108,7 +115,7 @@ class LocalNode:
         self.images = ImageStore(c.images_dir, c.id_base)
         binary = c.runtime_binary or shutil.which(c.runtime.value) or f"/usr/bin/{c.runtime.value}"
         self.runtime = OciRuntime(RuntimeCli(binary, str(c.root / "state")), null=c.root / "null")
-        self.disks = DiskPool(c.root / "disk.img", c.root / "disk", c.disk_pool_bytes)
+        self.disks = DiskPool(c.root / "disk.img", c.root / "disk", c.disk_pool_bytes or 0)
 
     # ---- set-up ---------------------------------------------------------------------------------------------
 
@@ -132,13 +139,67 @@ class LocalNode:
                 self.runtime = dataclasses.replace(self.runtime, criu_env=criu_tools(c.root / "criu-bin"))
         (c.root / "state").mkdir(mode=0o700, exist_ok=True)
         self.bundles.mkdir(mode=0o711, exist_ok=True)
-        self.disks.ensure()
+        self._prepare_capacity()
         self.images.clean_staging()
         if self.gateway is not None:
             try:
                 self.gateway.ensure()
             except NetworkError as exc:
                 raise NodeError(str(exc)) from exc
+
+    def _prepare_capacity(self) -> None:
+        """The disk pool (sized from the free space unless configured) under its parent qgroup, and the
+        parent memory cgroup, both limited: no sandbox, nor all of them together, can fill the pool or the
+        host's filesystem, or push the host out of memory. Measured once per start."""
+        c = self.config
+        fs = os.statvfs(c.root)
+        free, fs_size = fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
+        reserve = c.disk_reserve_bytes
+        if reserve is None:
+            reserve = diskpool.host_reserve_bytes(fs_size)
+        if self.disks.image.exists():
+            size = self.disks.image.stat().st_size
+        else:
+            size = c.disk_pool_bytes or diskpool.auto_pool_bytes(free, reserve)
+        self.disks = dataclasses.replace(self.disks, size_bytes=size)
+        self.disks.ensure()
+        disk_limit = diskpool.parent_limit_bytes(size, self.disks.allocated_bytes(), free, reserve)
+        self.disks.ensure_parent(disk_limit)
+        with open("/proc/meminfo") as f:
+            total = cgroups.host_memory_bytes(f.read())
+        mem_reserve = c.mem_reserve_bytes
+        if mem_reserve is None:
+            mem_reserve = cgroups.memory_reserve_bytes(total)
+        mem_limit = c.mem_limit_bytes or max(256 << 20, total - mem_reserve)
+        try:
+            cgroups.limit_parent_memory(self.cgroup_parent, mem_limit)
+        except OSError as exc:
+            raise NodeError(f"the sandboxes' parent memory cgroup cannot be limited: {exc}") from exc
+        self.capacity = NodeCapacity(
+            vcpus=os.cpu_count() or 1, mem_mib=mem_limit >> 20, disk_mib=disk_limit >> 20
+        )
+        log.info(
+            "node capacity: %d vCPUs, %d MiB of memory, %d MiB of disk (pool %d MiB)",
+            self.capacity.vcpus,
+            self.capacity.mem_mib,
+            self.capacity.disk_mib,
+            size >> 20,
+        )
+
+    def usage(self) -> dict[str, int | None]:
+        """What the sandboxes use now: memory (parent cgroup), disk (parent qgroup) and the pool's file."""
+        mem_used, mem_limit = cgroups.parent_memory(self.cgroup_parent)
+        disk_used, disk_limit = self.disks.parent_usage()
+        fs = os.statvfs(self.config.root)
+        return {
+            "mem_bytes": mem_used,
+            "mem_limit_bytes": mem_limit,
+            "disk_bytes": disk_used,
+            "disk_limit_bytes": disk_limit,
+            "pool_size_bytes": self.disks.size_bytes,
+            "pool_allocated_bytes": self.disks.allocated_bytes(),
+            "host_free_bytes": fs.f_bavail * fs.f_frsize,
+        }
 
     def attach(self) -> None:
         """Learn the node id of an existing node without changing anything (for ``teardown``)."""
@@ -485,8 +546,10 @@ class LocalNode:
         inv = self.inventory()
         return set(inv.containers) | inv.volumes | inv.bundles | inv.cgroups | inv.mounts | inv.links
 
-    def teardown(self) -> None:
-        """Remove every sandbox of this node and unmount the disk pool (``corral node reset``; tests)."""
+    def teardown(self) -> list[str]:
+        """Remove every sandbox of this node and unmount the disk pool (``corral node reset``; tests).
+        Touches nothing of another node (its own state dir, cgroup parent, pool and gateway only). Returns
+        what stays on the host (see ``DiskPool.unmount``)."""
         if self.config.root.exists():
             for cid in self.runtime.names():
                 self.runtime.delete(cid)
@@ -497,7 +560,7 @@ class LocalNode:
                     shutil.rmtree(bundle, ignore_errors=True)
         if self.node_id:
             cgroups.remove(self.cgroup_parent)
-        self.disks.unmount()
+        left = self.disks.unmount()
         if self.gateway is not None:
             self.gateway.teardown()
 
@@ -539,6 +602,7 @@ def listening(path: Path) -> Iterator[socket.socket]:
         os.chmod(path, 0o600)
         listener.listen(128)
         yield listener
+        return left
     finally:
         listener.close()
 

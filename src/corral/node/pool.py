@@ -11,6 +11,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from corral.domain.capacity import Amounts
+
 log = logging.getLogger("corral.pool")
 
 POOL_PREFIX = "wp-"
@@ -45,6 +47,8 @@ class WarmPool:
         self._thread: threading.Thread | None = None
         self.failures = 0
         self.refill_delay = 0.1
+        # whether the node has room for one more sandbox (None: always); asked before each boot
+        self.room: Callable[[], bool] | None = None
 
     def start(self) -> None:
         if self.size < 1 or self._thread is not None:
@@ -74,6 +78,14 @@ class WarmPool:
         with self._lock:
             return len(self._ready)
 
+    def reserved(self, count: int | None = None) -> Amounts:
+        """What ``count`` sandboxes of this pool hold (default: those waiting now); ``vms`` stays 0, they are
+        no account's VMs."""
+        k = self.key
+        return Amounts(0, k.vcpus, k.mem_mib, k.disk_mib).times(
+            self.ready_count() if count is None else count
+        )
+
     def _refill_loop(self) -> None:
         while not self._closed:
             self._wake.wait(timeout=5.0)
@@ -82,6 +94,8 @@ class WarmPool:
             # both cores for a few tens of ms)
             time.sleep(self.refill_delay)
             while not self._closed and self.ready_count() < self.size:
+                if not self._has_room():
+                    break  # the node is full: wait for the next hand-over (or 5 s) and ask again
                 cid = self._new_cid()
                 try:
                     self._boot(cid)
@@ -96,6 +110,15 @@ class WarmPool:
                         self._discard(cid)
                         return
                     self._ready.append(cid)
+
+    def _has_room(self) -> bool:
+        if self.room is None:
+            return True
+        try:
+            return self.room()
+        except Exception:
+            log.exception("warm pool: the node's room could not be read")
+            return False
 
     def close(self) -> None:
         """Stop refilling and destroy the sandboxes still waiting."""

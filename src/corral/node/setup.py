@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 from corral.config import Settings
+from corral.domain.capacity import NodeCapacity, Overcommit, Quotas
 from corral.egress.ca import ensure_ca
 from corral.net.plan import NetPlan, upstream_dns_from
 from corral.node.local import GIB, LocalNode, NodeConfig
+from corral.runtime.disk import MIB
 from corral.runtime.images import (
     DEFAULT_IMAGE,
     DEFAULT_PACKAGES,
@@ -18,6 +21,9 @@ from corral.runtime.images import (
     build_source,
 )
 from corral.runtime.spec import Runtime
+from corral.services import vms
+from corral.services.lifecycle import Lifecycle
+from corral.services.vms import Admission
 
 RESOLV_CONFS = (Path("/etc/resolv.conf"), Path("/run/systemd/resolve/resolv.conf"))
 
@@ -72,7 +78,10 @@ def make_node(settings: Settings) -> LocalNode:
             runtime=Runtime(settings.runtime),
             runtime_binary=crun if settings.runtime == "crun" else None,
             id_base=settings.sandbox_id_base,
-            disk_pool_bytes=settings.disk_pool_gib * GIB,
+            disk_pool_bytes=None if settings.disk_pool_gib is None else settings.disk_pool_gib * GIB,
+            disk_reserve_bytes=None if settings.disk_reserve_mib is None else settings.disk_reserve_mib * MIB,
+            mem_limit_bytes=None if settings.node_mem_mib is None else settings.node_mem_mib * MIB,
+            mem_reserve_bytes=None if settings.mem_reserve_mib is None else settings.mem_reserve_mib * MIB,
             init_binary=settings.sandbox_init,
             network=plan,
             trust_pem=ensure_ca(settings.egress_dir) if plan is not None else None,
@@ -87,3 +96,28 @@ def ensure_default_image(node: LocalNode, progress: Progress | None = None) -> I
     if image is not None and image.source == build_source(DEFAULT_SUITE, DEFAULT_PACKAGES):
         return image
     return node.images.build(DEFAULT_IMAGE, progress=progress)
+
+
+def admission(settings: Settings, capacity: NodeCapacity | None = None) -> Admission:
+    """Quotas and overcommit ratios from the settings, with the node's capacity once it is prepared."""
+    return Admission(
+        quotas=Quotas(
+            settings.quota_vms, settings.quota_vcpus, settings.quota_mem_mib, settings.quota_disk_mib
+        ),
+        capacity=capacity,
+        ratios=Overcommit(settings.overcommit_vcpus, settings.overcommit_mem, settings.overcommit_disk),
+    )
+
+
+def admit_creates(life: Lifecycle, settings: Settings) -> None:
+    """Every create admitted against the account's quotas and the node's capacity (the warm pool's waiting
+    sandboxes count as committed), and the warm pool refilled only while the node has room."""
+    pool = life.pool
+    life.admission = dataclasses.replace(admission(settings, life.node.capacity), reserved=pool.reserved)
+
+    def room() -> bool:
+        assert life.admission is not None
+        with life.reads() as session:
+            return vms.node_has_room(session, life.admission, pool.reserved(1))
+
+    pool.room = room

@@ -176,3 +176,44 @@ def read_stat(parent: str, name: str, controller: str, key: str, root: Path = CG
         return f.read_text().strip()
     except OSError:
         return None
+
+
+def host_memory_bytes(meminfo: str) -> int:
+    """MemTotal from the text of /proc/meminfo (pure)."""
+    for line in meminfo.splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError("no MemTotal in /proc/meminfo")
+
+
+def memory_reserve_bytes(total: int) -> int:
+    """What the node leaves to the host by default (the control plane, the egress proxy, the page cache):
+    10% of its memory, at least 1 GiB."""
+    return max(1 << 30, total // 10)
+
+
+def limit_parent_memory(parent: str, limit_bytes: int, root: Path = CGROUP_ROOT) -> Path:
+    """Make the node's parent cgroup in the memory hierarchy (v1) or the unified tree (v2) and limit what
+    every sandbox under it may use together to ``limit_bytes``. Returns the cgroup's directory."""
+    if is_pure_v2(root):
+        control = root / "cgroup.subtree_control"
+        if "memory" not in _read(control).split():
+            control.write_text("+memory")
+        d = root / parent
+        d.mkdir(exist_ok=True)
+        (d / "memory.max").write_text(str(limit_bytes))
+        return d
+    d = root / "memory" / parent
+    d.mkdir(exist_ok=True)
+    (d / "memory.limit_in_bytes").write_text(str(limit_bytes))
+    return d
+
+
+def parent_memory(parent: str, root: Path = CGROUP_ROOT) -> tuple[int | None, int | None]:
+    """The parent cgroup's memory in use and its limit, in bytes (None where unreadable)."""
+    if is_pure_v2(root):
+        used, limit = _read(root / parent / "memory.current"), _read(root / parent / "memory.max")
+    else:
+        d = root / "memory" / parent
+        used, limit = _read(d / "memory.usage_in_bytes"), _read(d / "memory.limit_in_bytes")
+    return (int(used) if used.strip().isdigit() else None, int(limit) if limit.strip().isdigit() else None)

@@ -4,6 +4,11 @@ sandbox with a qgroup limit of its ``disk_mib``.
 This kernel has no CONFIG_QUOTA (no ext4/XFS project quotas), so btrfs qgroups are the quota that works: a
 write past the limit fails inside the sandbox with EDQUOT, and the host's own filesystem is never touched
 beyond the loop file's size. Subvolume snapshots also give the state issue O(1) copies of a disk.
+
+Every subvolume (and the top level, where captures keep their memory images) belongs to one parent qgroup
+(``PARENT_QGROUP``) limited below the pool's size (``parent_limit_bytes``): the sandboxes together can never
+fill the filesystem, so btrfs keeps room for its metadata and never forces itself read-only, and the sparse
+file never grows past what the host's filesystem had free (less a reserve) when the node started.
 """
 
 from __future__ import annotations
@@ -11,13 +16,38 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from corral.runtime.proc import CommandFailed, run
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
+PARENT_QGROUP = "1/1"
+# btrfs's own share of the pool: metadata (DUP), the global reserve, chunk slack
+META_SHARE = 0.1
+META_MIN = 256 * MIB
+
+
+def host_reserve_bytes(fs_size: int) -> int:
+    """What the node leaves free on its data directory's filesystem by default: 5% of it, at least 1 GiB
+    (the database, logs, snapshots and the rest of the host)."""
+    return max(GIB, fs_size // 20)
+
+
+def auto_pool_bytes(free: int, reserve: int) -> int:
+    """The pool's size when not configured: the filesystem's free space less the reserve, at least 1 GiB."""
+    return max(GIB, (free - reserve) // MIB * MIB)
+
+
+def parent_limit_bytes(pool: int, allocated: int, host_free: int, host_reserve: int) -> int:
+    """The parent qgroup's limit: below the pool's size by btrfs's share (so it never runs out of metadata
+    room), and no more than what the sparse file already holds plus what the host can still give it (so
+    the host's filesystem never fills under it). At least 64 MiB."""
+    room = min(pool, allocated + host_free - host_reserve)
+    return max(64 * MIB, (room - max(META_MIN, int(room * META_SHARE))) // MIB * MIB)
 
 
 def loop_device_of(image: Path) -> str | None:
@@ -29,13 +59,36 @@ def loop_device_of(image: Path) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
+def mount_holders(device: str, proc: Path = Path("/proc")) -> list[str]:
+    """The processes (``pid (comm)``) whose mount namespace has ``device`` mounted, one per namespace."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ns = os.readlink(entry / "ns" / "mnt")
+            if ns in seen:
+                continue
+            if any(
+                line.partition(" - ")[2].split()[1:2] == [device] for line in (entry / "mountinfo").open()
+            ):
+                seen.add(ns)
+                out.append(f"{entry.name} ({(entry / 'comm').read_text().strip()})")
+        except OSError:
+            continue
+    return out
+
+
+@dataclass
 class DiskPool:
     """The node's btrfs pool: ``image`` (a sparse file) mounted at ``mountpoint``; volumes under ``vols/``."""
 
     image: Path
     mountpoint: Path
     size_bytes: int
+    parent_limit: int | None = None  # the parent qgroup's limit, once ``ensure_parent`` set it
+    _deleting: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def vols(self) -> Path:
@@ -60,14 +113,59 @@ class DiskPool:
             self.unmount()
             raise
 
-    def unmount(self) -> None:
-        """Unmount and detach the pool (its volumes stay in the image file)."""
+    def ensure_parent(self, limit_bytes: int) -> None:
+        """The parent qgroup, the top level and every volume in it, limited to ``limit_bytes`` (idempotent:
+        volumes made by an older Corral are assigned too)."""
+        mp = str(self.mountpoint)
+        shown = run(["btrfs", "qgroup", "show", "-p", "--raw", mp])
+        if not any(line.split()[:1] == [PARENT_QGROUP] for line in shown.splitlines()):
+            run(["btrfs", "qgroup", "create", PARENT_QGROUP, mp])
+        # columns: qgroup, referenced, exclusive, parents, path
+        members = {p[0]: p[3] for p in map(str.split, shown.splitlines()) if len(p) >= 4 and p[0][:2] == "0/"}
+        for qgroup, parent in members.items():
+            if PARENT_QGROUP not in parent.split(","):
+                with contextlib.suppress(CommandFailed):  # a stale qgroup of a deleted subvolume
+                    run(["btrfs", "qgroup", "assign", qgroup, PARENT_QGROUP, mp])
+        run(["btrfs", "qgroup", "limit", str(limit_bytes), PARENT_QGROUP, mp])
+        self.parent_limit = limit_bytes
+
+    def parent_usage(self) -> tuple[int, int | None]:
+        """The parent qgroup's referenced bytes and limit (what every sandbox and capture holds together)."""
+        out = run(["btrfs", "qgroup", "show", "-r", "--raw", str(self.mountpoint)])
+        for line in out.splitlines():
+            parts = line.split()
+            if parts[:1] == [PARENT_QGROUP] and len(parts) >= 4 and parts[1].isdigit():
+                return int(parts[1]), int(parts[3]) if parts[3].isdigit() else None
+        return 0, None
+
+    def allocated_bytes(self) -> int:
+        """What the sparse file takes on the host's filesystem now."""
+        try:
+            return self.image.stat().st_blocks * 512
+        except FileNotFoundError:
+            return 0
+
+    def unmount(self) -> list[str]:
+        """Unmount and detach the pool (its volumes stay in the image file). The mount point is removed
+        too: the kernel then detaches the copies of the pool's mount that other mount namespaces hold (a
+        process started with ``ip netns exec`` or ``unshare -m`` after the pool was mounted, this node's or
+        another instance's: on a host whose ``/`` is private an unmount does not reach them). Returns what
+        stays (a loop device still attached, with the processes whose namespaces still hold it)."""
         if os.path.ismount(self.mountpoint):
             run(["umount", str(self.mountpoint)])
+        with contextlib.suppress(FileNotFoundError, OSError):
+            self.mountpoint.rmdir()
         dev = loop_device_of(self.image) if self.image.exists() else None
-        if dev:
-            with contextlib.suppress(CommandFailed):
-                run(["losetup", "-d", dev])
+        if not dev:
+            return []
+        with contextlib.suppress(CommandFailed):
+            run(["losetup", "-d", dev])  # detached now, or (autoclear) as soon as the last holder lets go
+        if loop_device_of(self.image) is None:
+            return []
+        holders = mount_holders(dev)
+        return [
+            f"{dev} stays attached to {self.image}: still mounted in " + (", ".join(holders) or "unknown")
+        ]
 
     def path(self, name: str) -> Path:
         if not _NAME.fullmatch(name):
@@ -77,7 +175,7 @@ class DiskPool:
     def create(self, name: str, limit_mib: int) -> Path:
         """A new subvolume limited to ``limit_mib`` of data."""
         path = self.path(name)
-        run(["btrfs", "subvolume", "create", str(path)])
+        run(["btrfs", "subvolume", "create", "-i", PARENT_QGROUP, str(path)])
         try:
             run(["btrfs", "qgroup", "limit", f"{limit_mib * MIB}", str(path)])
         except Exception:
@@ -87,7 +185,18 @@ class DiskPool:
 
     def snapshot(self, source: Path, dest: Path, *, readonly: bool) -> None:
         """An O(1) copy-on-write copy of the subvolume ``source`` at ``dest`` (both on this pool)."""
-        run(["btrfs", "subvolume", "snapshot", *(["-r"] if readonly else []), str(source), str(dest)])
+        run(
+            [
+                "btrfs",
+                "subvolume",
+                "snapshot",
+                "-i",
+                PARENT_QGROUP,
+                *(["-r"] if readonly else []),
+                str(source),
+                str(dest),
+            ]
+        )
 
     def clone(self, source: Path, name: str, limit_mib: int) -> Path:
         """A new writable volume ``name`` whose content is ``source``'s (a captured disk), limited like
@@ -106,11 +215,36 @@ class DiskPool:
         if not path.exists():
             return
         qgroup = self._qgroup_id(path)
-        run(["btrfs", "subvolume", "delete", str(path)])
+        try:
+            run(["btrfs", "subvolume", "delete", str(path)])
+        except CommandFailed as exc:
+            if "quota" not in str(exc).lower():
+                raise
+            self._delete_over_quota(path, qgroup)
         if qgroup:
             # still referenced until the cleaner runs; clear-stale at the next start catches it then
             with contextlib.suppress(CommandFailed):
                 run(["btrfs", "qgroup", "destroy", qgroup, str(self.mountpoint)])
+
+    def _delete_over_quota(self, path: Path, qgroup: str | None) -> None:
+        """A delete needs a little metadata space charged to the subvolume and its parent: when either is at
+        its limit (a sandbox filled its disk, or all of them the pool) the limits are lifted for the delete
+        and the parent's put back (the pool's own margin below its size covers the moment)."""
+        mp = str(self.mountpoint)
+        with self._deleting:
+            if qgroup:
+                with contextlib.suppress(CommandFailed):
+                    run(["btrfs", "qgroup", "limit", "none", qgroup, mp])
+            try:
+                run(["btrfs", "subvolume", "delete", str(path)])
+            except CommandFailed as exc:
+                if self.parent_limit is None or "quota" not in str(exc).lower():
+                    raise
+                run(["btrfs", "qgroup", "limit", "none", PARENT_QGROUP, mp])
+                try:
+                    run(["btrfs", "subvolume", "delete", str(path)])
+                finally:
+                    run(["btrfs", "qgroup", "limit", str(self.parent_limit), PARENT_QGROUP, mp])
 
     def delete(self, name: str) -> None:
         """Delete the volume and its qgroup. Missing is fine."""

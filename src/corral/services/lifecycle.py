@@ -111,6 +111,8 @@ class Lifecycle:
         self.snapshot_boot: Callable[[Vm], None] | None = None
         self.on_destroy: Callable[[str, str], None] | None = None
         self.saved_state: StateServiceLike | None = None
+        # quotas and node capacity every create is admitted against (set by the app; None: no checks)
+        self.admission: vms.Admission | None = None
         # A pooled sandbox is booted under the id its VM will have (its hostname is that id), so the
         # hand-over is one database update.
         self.pool = WarmPool(
@@ -220,7 +222,7 @@ class Lifecycle:
         )
         try:
             with transaction(self.sessions) as session:
-                row = vms.create_vm(session, self.clock, user_id, new, vm_id=pooled)
+                row = vms.create_vm(session, self.clock, user_id, new, vm_id=pooled, admission=self.admission)
         except BaseException:
             if pooled is not None:
                 self.pool.give_back(pooled)

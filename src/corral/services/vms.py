@@ -3,16 +3,26 @@ No FastAPI, no host effects: ``corral.services.lifecycle`` drives the node and c
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from corral.domain import validation
+from corral.domain.capacity import (
+    Amounts,
+    NodeCapacity,
+    NodeFull,
+    Overcommit,
+    Quotas,
+    check_node,
+    check_quota,
+)
 from corral.domain.clock import Clock
 from corral.domain.errors import Conflict, NotFound, ValidationFailed, not_found
 from corral.domain.ids import Prefix, has_prefix, new_id
@@ -138,9 +148,72 @@ def _name_taken(name: str) -> Conflict:
     return Conflict(f"A VM named {name} already exists", code="vm_name_taken")
 
 
-def create_vm(session: Session, clock: Clock, user_id: str, new: NewVm, *, vm_id: str | None = None) -> Vm:
-    """Insert a queued VM (with ``vm_id`` when its sandbox was booted ahead under that id). ``new`` must
-    have been through ``validate_new``."""
+@dataclass(frozen=True)
+class Admission:
+    """What a create is admitted against: the account's quotas and, on a node, its capacity (None: no node
+    check) with the overcommit ratios; ``reserved`` is what sandboxes that are not VMs yet hold (the warm
+    pool)."""
+
+    quotas: Quotas = dataclasses.field(default_factory=Quotas)
+    capacity: NodeCapacity | None = None
+    ratios: Overcommit = dataclasses.field(default_factory=Overcommit)
+    reserved: Callable[[], Amounts] = dataclasses.field(default=lambda: Amounts())
+
+
+_ADMISSION_LOCK = 0x636F7272  # PostgreSQL advisory lock: one admission at a time across servers
+
+
+def held(session: Session, user_id: str | None = None) -> Amounts:
+    """What the VMs that are not destroyed hold (one account's, or every account's)."""
+    stmt = select(
+        func.count(Vm.id),
+        func.coalesce(func.sum(Vm.vcpus), 0),
+        func.coalesce(func.sum(Vm.mem_mib), 0),
+        func.coalesce(func.sum(Vm.disk_mib), 0),
+    ).where(Vm.status_detail != Detail.DESTROYED.value)
+    if user_id is not None:
+        stmt = stmt.where(Vm.user_id == user_id)
+    count, vcpus, mem, disk = session.execute(stmt).one()
+    return Amounts(int(count), int(vcpus), int(mem), int(disk))
+
+
+def admit(session: Session, admission: Admission, user_id: str, new: NewVm, *, count: int = 1) -> None:
+    """Refuse ``count`` VMs like ``new`` that would pass the account's quotas (409 ``quota_exceeded``) or
+    the node's capacity (503 ``node_full``). Call in the transaction that inserts them: on SQLite it holds
+    the write lock (BEGIN IMMEDIATE), on PostgreSQL an advisory lock, so concurrent creates are counted one
+    after the other."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADMISSION_LOCK})
+    asked = Amounts(1, new.vcpus or 0, new.mem_mib or 0, new.disk_mib or 0).times(count)
+    check_quota(admission.quotas, held(session, user_id), asked)
+    if admission.capacity is not None:
+        check_node(admission.capacity, admission.ratios, held(session) + admission.reserved(), asked)
+
+
+def node_has_room(session: Session, admission: Admission, asked: Amounts) -> bool:
+    """Whether the node could take ``asked`` more now (the warm pool asks before each boot)."""
+    if admission.capacity is None:
+        return True
+    try:
+        check_node(admission.capacity, admission.ratios, held(session) + admission.reserved(), asked)
+    except NodeFull:
+        return False
+    return True
+
+
+def create_vm(
+    session: Session,
+    clock: Clock,
+    user_id: str,
+    new: NewVm,
+    *,
+    vm_id: str | None = None,
+    admission: Admission | None = None,
+) -> Vm:
+    """Insert a queued VM (with ``vm_id`` when its sandbox was booted ahead under that id), admitted first
+    when ``admission`` is given. ``new`` must have been through ``validate_new``."""
+    if admission is not None:
+        admit(session, admission, user_id, new)
     now = clock.now()
     row = Vm(
         id=vm_id or new_id(Prefix.VM),

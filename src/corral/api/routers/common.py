@@ -16,8 +16,11 @@ _DESCRIPTIONS = {
     404: "Resource not found (or not yours)",
     409: "Conflict",
     422: "Validation error",
+    403: "Forbidden: the caller may not use this endpoint (`forbidden`)",
     429: "Rate limited; see the Retry-After header",
     500: "The host could not capture or restore the sandbox (`state_failed`); the VM is left as it was",
+    503: "The node is full (`node_full`: the message says what is short) or runs no sandboxes "
+    "(`node_unavailable`)",
 }
 
 

@@ -77,8 +77,10 @@ def vm_fields(row: Vm) -> dict[str, object]:
     response_model=VmOut,
     summary="Create a VM",
     description="Answers at once with `pending`/`queued`; poll GET /v1/vms/{vm_id} until `running`/`ready`. "
-    "A VM with the default image and resources is handed over from the warm pool (a few ms); others boot cold.",
-    responses=errors(*AUTHED, 404, 409, 422),
+    "A VM with the default image and resources is handed over from the warm pool (a few ms); others boot cold. "
+    "Admitted against the account's quotas (409 `quota_exceeded`: VMs, vCPUs, memory, disk of the VMs that are "
+    "not destroyed) and the node's capacity (503 `node_full`); each message says which limit and what is in use.",
+    responses=errors(*AUTHED, 404, 409, 422, 503),
 )
 def create_vm(body: VmCreateRequest, who: PrincipalDep, st: StateDep) -> VmOut:
     life = lifecycle_of(st)
