@@ -175,6 +175,12 @@ class Settings:
     max_mem_mib: int = 8192
     max_disk_mib: int = 65536
     max_concurrent_requests: int = 512  # worker threads for blocking requests (execs, file transfers)
+    # file transfers (docs/operations.md "Limits"): uploads, downloads and listings at once, each per API key and
+    # per VM; seconds an upload's body may send nothing; seconds a file worker may take for one operation
+    max_file_ops_per_key: int = 16
+    max_file_ops_per_vm: int = 8
+    upload_idle_timeout_s: float = 30.0
+    file_op_timeout_s: float = 30.0
     sandbox_init: str | None = None  # pid 1 of sandboxes: corral-init (default) or e.g. /usr/bin/catatonit
     # the sandbox network (docs/operations.md): off = sandboxes get no network at all
     network: bool = True
@@ -241,6 +247,10 @@ class Settings:
             max_mem_mib=_int(env, "CORRAL_MAX_MEM_MIB", 8192),
             max_disk_mib=_int(env, "CORRAL_MAX_DISK_MIB", 65536),
             max_concurrent_requests=_int(env, "CORRAL_MAX_CONCURRENT_REQUESTS", 512),
+            max_file_ops_per_key=_int(env, "CORRAL_MAX_FILE_OPS_PER_KEY", 16),
+            max_file_ops_per_vm=_int(env, "CORRAL_MAX_FILE_OPS_PER_VM", 8),
+            upload_idle_timeout_s=_seconds(env, "CORRAL_UPLOAD_IDLE_TIMEOUT_S", 30.0),
+            file_op_timeout_s=_seconds(env, "CORRAL_FILE_OP_TIMEOUT_S", 30.0),
             sandbox_init=env.get("CORRAL_SANDBOX_INIT") or None,
             network=_flag(env, "CORRAL_NETWORK", True),
             gateway_netns=env.get("CORRAL_GATEWAY_NETNS") or "corral-gw",

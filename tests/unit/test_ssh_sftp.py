@@ -18,7 +18,9 @@ import asyncssh
 import pytest
 
 from corral.node.files import SandboxFiles
+from corral.runtime.syscalls import mount, umount
 from corral.ssh.sftp import SandboxSFTP, lexical_realpath, open_flags, sandbox_path
+from tests.userns_box import userns_box
 
 OFFSET = 231072  # the fake sandbox root's host uid/gid (ids 0..65535 inside map to OFFSET..)
 PASSWD = "root:x:0:0:root:/root:/bin/sh\nbuilder:x:1000:1000::/home/builder:/bin/sh\n"
@@ -112,20 +114,30 @@ class Sandbox:
 
 @pytest.fixture
 def box(gateway: Gateway, tmp_path: Path) -> Iterator[Sandbox]:
+    """A stand-in sandbox: a tmpfs root (a filesystem a sandbox keeps files on) and a process in a user
+    namespace mapping 0.. to OFFSET.. chrooted there, whose credentials the SFTP session's worker takes."""
     root = tmp_path / "rootfs"
-    for d in ("root", "etc", "tmp"):
-        (root / d).mkdir(parents=True)
-    (root / "etc" / "passwd").write_text(PASSWD)
-    (root / "etc" / "group").write_text("root:x:0:\nbuilder:x:1000:\n")
-    (root / "etc" / "shadow").write_text("sandbox shadow\n")
-    for path in (root, *root.rglob("*")):
-        os.chown(path, OFFSET, OFFSET)
-    local = tmp_path / "local"
-    local.mkdir()
-    user = f"sb{secrets.token_hex(4)}"
-    gateway.roots[user] = SandboxFiles.at(str(root), OFFSET, OFFSET)
-    yield Sandbox(user, root, local, gateway)
-    del gateway.roots[user]
+    root.mkdir()
+    mount("tmpfs", str(root), "tmpfs", 0, "mode=0755")
+    try:
+        for d in ("root", "etc", "tmp"):
+            (root / d).mkdir(parents=True)
+        (root / "etc" / "passwd").write_text(PASSWD)
+        (root / "etc" / "group").write_text("root:x:0:\nbuilder:x:1000:\n")
+        (root / "etc" / "shadow").write_text("sandbox shadow\n")
+        for path in (root, *root.rglob("*")):
+            os.chown(path, OFFSET, OFFSET)
+        local = tmp_path / "local"
+        local.mkdir()
+        user = f"sb{secrets.token_hex(4)}"
+        with userns_box(root, OFFSET) as pid:
+            gateway.roots[user] = SandboxFiles(pid, OFFSET, OFFSET)
+            try:
+                yield Sandbox(user, root, local, gateway)
+            finally:
+                del gateway.roots[user]
+    finally:
+        umount(str(root), lazy=True)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:
@@ -165,6 +177,7 @@ def test_scp_both_ways(box: Sandbox) -> None:
 
 def test_overwrite_truncates_and_append_keeps(box: Sandbox) -> None:
     (box.root / "root" / "f").write_text("a much longer old content\n")
+    os.chown(box.root / "root" / "f", OFFSET, OFFSET)  # the sandbox's file (root's there)
     (box.local / "f").write_text("new\n")
     (box.local / "tail").write_text("+more\n")
     ok(box.sftp("put f", "reput tail f"))  # reput: resume, appending past the remote's size
@@ -217,6 +230,7 @@ def test_directory_commands_and_listing(box: Sandbox) -> None:
 def test_chown_maps_ids_and_refuses_unmapped(box: Sandbox) -> None:
     f = box.root / "root" / "owned"
     f.write_text("x")
+    os.chown(f, OFFSET, OFFSET)  # the sandbox root's file: its root may chown it
     ok(box.sftp("chown 1000 owned", "chgrp 33 owned"))
     assert (f.stat().st_uid, f.stat().st_gid) == (OFFSET + 1000, OFFSET + 33)
     refused = box.sftp("chown 70000 owned")
@@ -268,6 +282,10 @@ def test_put_through_a_linked_directory_lands_inside(box: Sandbox, tmp_path: Pat
     assert box.sftp("put p.txt out/p.txt").returncode != 0  # no such directory inside the root
     inside = box.root / str(outside).lstrip("/")
     inside.mkdir(parents=True)
+    for made in (inside, *inside.parents):
+        if made == box.root:
+            break
+        os.chown(made, OFFSET, OFFSET)  # made by the sandbox's root, as it would be
     ok(box.sftp("put p.txt out/p.txt", "mkdir out/made", "ln -s /etc out/etc-link"))
     assert list(outside.iterdir()) == []
     assert (inside / "p.txt").read_text() == "payload\n"

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from corral.domain.errors import CorralError, RateLimited
+from corral.domain.errors import CorralError, RateLimited, TemporarilyUnavailable
 
 log = logging.getLogger("corral.api")
 
@@ -110,7 +110,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(CorralError)
     async def _corral(_: Request, exc: CorralError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+        headers = None
+        if isinstance(exc, (RateLimited, TemporarilyUnavailable)):
+            headers = {"Retry-After": str(exc.retry_after)}
         return error_response(exc.status, exc.code, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)

@@ -62,6 +62,17 @@ class RateLimited(CorralError):
         self.retry_after = retry_after
 
 
+class TemporarilyUnavailable(CorralError):
+    """503 with ``Retry-After``: a transient failure (the same request may succeed in a moment)."""
+
+    status = 503
+    code = "temporarily_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 def not_found(resource: str, ident: str, *, label: str | None = None) -> NotFound:
     """``vm_not_found`` / "No VM with ID vm_x", the reference's shape for a missing resource."""
     return NotFound(f"No {label or resource.replace('_', ' ')} with ID {ident}", code=f"{resource}_not_found")

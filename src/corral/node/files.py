@@ -1,12 +1,20 @@
-"""Files inside a running sandbox, reached from the host through ``/proc/<init>/root`` with openat2's
-RESOLVE_IN_ROOT: ``..``, absolute symlinks and links pointing out all resolve inside the sandbox's root (and
-its own mounts), never on the host. New files and directories belong to the sandbox's root user."""
+"""Files inside a sandbox, reached through its root (``/proc/<init>/root``) with openat2's RESOLVE_IN_ROOT:
+``..``, absolute symlinks and links pointing out all resolve inside the sandbox's root (and its own mounts),
+never on the host. New files and directories belong to the sandbox's root user.
+
+For a tenant (files API, SFTP, ``user`` lookups) these primitives run in a file worker (``fileworker``): a
+process that entered the sandbox's user namespace as its root (``confined=True``), so the kernel grants what
+the sandbox's root could do and nothing more. On top of that, reads, writes and attribute changes are refused
+on pseudo-filesystems (anything but ``SANDBOX_FILESYSTEMS``) and on anything but regular files (directories
+and symbolic links too for attributes). The node itself uses them directly only on a root it is preparing."""
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import errno
+import heapq
 import os
 import re
 import secrets
@@ -15,12 +23,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from corral.runtime.syscalls import file_identity, openat2
+from corral.runtime.syscalls import file_identity, fs_type, openat2
 
 CHUNK = 256 * 1024
 ID_COUNT = 65536  # ids a sandbox's user namespace maps: 0..65535 inside, offset by its root's host id
 NOBODY = 65534  # how an id the sandbox does not map shows inside (the kernel's overflow id)
 UMASK = 0o022  # new files and directories made by the primitives below: the mode asked for, less this
+BTRFS, OVERLAY, TMPFS = 0x9123683E, 0x794C7630, 0x01021994  # statfs f_type
+# Where a sandbox keeps files of its own: its disk (btrfs), its root (overlay), /dev/shm and /dev (tmpfs).
+# Everything else (proc, sysfs, devpts, cgroup, mqueue, ...) is the kernel's, read by nobody on its behalf.
+SANDBOX_FILESYSTEMS = frozenset({BTRFS, OVERLAY, TMPFS})
 
 
 class FileError(Exception):
@@ -29,6 +41,7 @@ class FileError(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind  # not_found | not_a_directory | is_a_directory | exists | disk_full | invalid
+        # | not_running | busy (transient: try again) | refused (a pseudo-filesystem or a device) | denied
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,9 @@ def _translate(exc: OSError, path: str) -> FileError:
         errno.ENAMETOOLONG: ("invalid", f"{path} is too long"),
         errno.EXDEV: ("invalid", f"{path} cannot be reached"),
         errno.EOVERFLOW: ("invalid", f"{path}: the owner cannot be represented on that filesystem"),
+        errno.EAGAIN: ("busy", f"{path}: the sandbox's filesystem was changing; try again"),
+        errno.EACCES: ("denied", f"{path}: permission denied"),
+        errno.EPERM: ("denied", f"{path}: operation not permitted"),
     }
     kind, message = kinds.get(exc.errno or 0, ("invalid", f"{path}: {exc.strerror}"))
     return FileError(kind, message)
@@ -74,6 +90,15 @@ class AttrChange:
     mode: int | None = None
     atime_ns: int | None = None
     mtime_ns: int | None = None
+
+
+translate = _translate  # for callers that get an OSError for a path: the FileError to report
+
+
+def check_own_filesystem(fd: int, path: str, allowed: frozenset[int] = SANDBOX_FILESYSTEMS) -> None:
+    """Refuse (EPERM) an fd on a filesystem that is not the sandbox's own (``/proc``, ``/sys``, ...)."""
+    if fs_type(fd) not in allowed:
+        raise OSError(errno.EPERM, "not a file of the sandbox's own filesystems (a kernel filesystem)", path)
 
 
 def _proc_fd(fd: int) -> str:
@@ -96,6 +121,8 @@ class SandboxFiles:
     uid: int
     gid: int
     root_dir: str | None = None
+    confined: bool = False  # True in a file worker: the process already has the sandbox root's credentials
+    filesystems: frozenset[int] = SANDBOX_FILESYSTEMS  # where reads, writes and attribute changes are allowed
 
     @classmethod
     def at(cls, root_dir: str, uid: int, gid: int) -> SandboxFiles:
@@ -106,6 +133,41 @@ class SandboxFiles:
         a long session keeps reaching this root, never whatever process later gets the same PID."""
         fd = self._root()
         return dataclasses.replace(self, root_dir=f"/proc/self/fd/{fd}"), fd
+
+    def _owner(self) -> contextlib.AbstractContextManager[None]:
+        """New names made in the block belong to the sandbox's root (already so in a worker)."""
+        return contextlib.nullcontext() if self.confined else file_identity(self.uid, self.gid)
+
+    def worker_fds(self) -> tuple[int, int]:
+        """(user namespace, root) fds of the running sandbox, for a file worker; both opened through one
+        ``/proc/<pid>`` directory fd, so they belong to one process. A pinned root (``pinned``) must be that
+        process's root, or the PID was reused: ``not_running``. The caller closes both."""
+        if not self.pid:
+            raise FileError("not_running", "the sandbox is not running")
+        try:
+            proc = os.open(f"/proc/{self.pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise FileError("not_running", "the sandbox is not running") from exc
+        opened: list[int] = []
+        try:
+            opened.append(os.open("ns/user", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc))
+            opened.append(os.open("root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=proc))
+            if self.root_dir is not None:
+                pinned = os.stat(self.root_dir)
+                now = os.fstat(opened[1])
+                if (pinned.st_dev, pinned.st_ino) != (now.st_dev, now.st_ino):
+                    raise FileError("not_running", "the sandbox is not running")
+        except OSError as exc:
+            for fd in opened:
+                os.close(fd)
+            raise FileError("not_running", "the sandbox is not running") from exc
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            raise
+        finally:
+            os.close(proc)
+        return opened[0], opened[1]
 
     def _root(self) -> int:
         try:
@@ -133,7 +195,7 @@ class SandboxFiles:
             parent, name = _split(current)
             dfd = self._open(parent, os.O_PATH | os.O_DIRECTORY)
             try:
-                with file_identity(self.uid, self.gid):
+                with self._owner():
                     os.mkdir(name, 0o755, dir_fd=dfd)
             except FileExistsError:
                 pass
@@ -142,9 +204,9 @@ class SandboxFiles:
             finally:
                 os.close(dfd)
 
-    def write(self, path: str, chunks: Iterable[bytes], *, mode: int = 0o644, parents: bool = False) -> int:
-        """Write a file from ``chunks`` (replacing it); return the bytes written. A failed write leaves no
-        partial file under ``path``: data goes to a temporary name first and is renamed into place."""
+    def begin_write(self, path: str, *, mode: int = 0o644, parents: bool = False) -> Upload:
+        """Start writing the file ``path`` (replacing it when committed): data goes to a temporary name in
+        the same directory first, so an upload that fails or is abandoned leaves no partial file."""
         path = normalise(path)
         parent, name = _split(path)
         if not name or name in (".", "..") or path.endswith("/"):
@@ -152,58 +214,48 @@ class SandboxFiles:
         if parents:
             self._mkdirs(parent)
         dfd = self._open(parent, os.O_PATH | os.O_DIRECTORY)
-        tmp = f".corral-upload-{secrets.token_hex(8)}"  # short: the target's name may be 255 bytes already
-        written = 0
         try:
             try:
+                check_own_filesystem(dfd, parent, self.filesystems)
                 existing = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                 if stat.S_ISDIR(existing.st_mode):
                     raise FileError("is_a_directory", f"{path} is a directory")
             except FileNotFoundError:
                 pass
-            try:
-                with file_identity(self.uid, self.gid):  # owned by the sandbox's root from the start
-                    fd = os.open(
-                        tmp,
-                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                        0o600,
-                        dir_fd=dfd,
-                    )
-            except OSError as exc:
-                raise _translate(exc, path) from None
-            try:
-                with os.fdopen(fd, "wb", closefd=True) as f:
-                    for chunk in chunks:
-                        f.write(chunk)
-                        written += len(chunk)
-                    f.flush()
-                    os.fchmod(f.fileno(), mode & 0o7777)
-                with file_identity(self.uid, self.gid):  # a name made on a tmpfs of the sandbox's, too
-                    os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            except BaseException as exc:
-                with contextlib.suppress(OSError), file_identity(self.uid, self.gid):
-                    os.unlink(tmp, dir_fd=dfd)
-                if isinstance(exc, OSError):
-                    raise _translate(exc, path) from None
-                raise
-        finally:
+            tmp = f".corral-upload-{secrets.token_hex(8)}"  # short: the target's name may be 255 bytes
+            with self._owner():  # owned by the sandbox's root from the start
+                fd = os.open(
+                    tmp,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=dfd,
+                )
+        except OSError as exc:
             os.close(dfd)
-        return written
+            raise _translate(exc, path) from None
+        except BaseException:
+            os.close(dfd)
+            raise
+        return Upload(self, path, dfd, tmp, name, fd, mode)
+
+    def write(self, path: str, chunks: Iterable[bytes], *, mode: int = 0o644, parents: bool = False) -> int:
+        """Write a file from ``chunks`` (replacing it); return the bytes written. A failed write leaves no
+        partial file under ``path``."""
+        upload = self.begin_write(path, mode=mode, parents=parents)
+        try:
+            for chunk in chunks:
+                upload.write(chunk)
+            return upload.commit()
+        finally:
+            upload.abort()
 
     def read(self, path: str) -> tuple[int, Iterator[bytes]]:
         """(size, chunks) of a regular file; the file is opened now, so errors surface before streaming.
         At most ``size`` bytes are produced (a file growing meanwhile is cut at its size when opened); a size
-        of 0 means unknown (``/proc`` files): everything is read."""
+        of 0 means unknown: everything is read."""
         path = normalise(path)
-        fd = self._open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            kind = "is_a_directory" if stat.S_ISDIR(st.st_mode) else "invalid"
-            raise FileError(kind, f"{path} is not a regular file")
-        os.set_blocking(fd, True)
-
-        size = st.st_size
+        fd = self.open_read(path)
+        size = os.fstat(fd).st_size
 
         def chunks() -> Iterator[bytes]:
             left = size or -1
@@ -217,12 +269,44 @@ class SandboxFiles:
 
         return size, chunks()
 
+    def open_read(self, path: str) -> int:
+        """An fd of the regular file ``path`` of the sandbox's own filesystems, open for reading."""
+        fd = self._open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                kind = "is_a_directory" if stat.S_ISDIR(st.st_mode) else "refused"
+                raise FileError(kind, f"{path} is not a regular file")
+            try:
+                check_own_filesystem(fd, path, self.filesystems)
+            except OSError:
+                raise FileError("refused", f"{path} is a kernel file, not one of the sandbox's") from None
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def list(self, path: str) -> list[Entry]:
+        """Every entry of the directory ``path``, by name (for the node's own use: tenants page)."""
+        entries, _following = self.list_page(path, None, 1 << 62)
+        return entries
+
+    def list_page(
+        self, path: str, after: bytes | None, limit: int
+    ) -> tuple[builtins.list[Entry], bytes | None]:
+        """Up to ``limit`` entries of the directory ``path`` whose names sort (as bytes) after ``after``, by
+        name, and the name to continue after when more follow (None: the last page). The directory is
+        scanned once, holding at most ``limit + 1`` names: a directory of any size costs a page's memory."""
         path = normalise(path)
         fd = self._open(path, os.O_RDONLY | os.O_DIRECTORY)
-        entries: list[Entry] = []
         try:
-            for name in os.listdir(fd):
+            with os.scandir(fd) as scan:
+                names = (os.fsencode(e.name) for e in scan)
+                wanted = heapq.nsmallest(limit + 1, (n for n in names if after is None or n > after))
+            entries: list[Entry] = []
+            for raw in wanted[:limit]:
+                name = os.fsdecode(raw)
                 try:
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 except OSError:
@@ -236,9 +320,11 @@ class SandboxFiles:
                         mtime=datetime.fromtimestamp(st.st_mtime, UTC),
                     )
                 )
+        except OSError as exc:
+            raise _translate(exc, path) from None
         finally:
             os.close(fd)
-        return sorted(entries, key=lambda e: e.name)
+        return entries, wanted[limit - 1] if len(wanted) > limit else None
 
     def read_small(self, path: str, limit: int = 1 << 20) -> bytes:
         _size, chunks = self.read(path)
@@ -318,6 +404,7 @@ class SandboxFiles:
                 raise OSError(
                     errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL, "not a regular file", path
                 )
+            check_own_filesystem(pfd, path, self.filesystems)
             return os.open(_proc_fd(pfd), flags | os.O_NOCTTY | os.O_CLOEXEC)
         finally:
             os.close(pfd)
@@ -336,7 +423,7 @@ class SandboxFiles:
                     if not create:
                         raise
             try:
-                with file_identity(self.uid, self.gid):
+                with self._owner():
                     fd = self.open_fd(path, base | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
                 if exclusive:
@@ -349,7 +436,7 @@ class SandboxFiles:
                 raise
             return fd
         # a dangling symbolic link: create its target, resolved in the root like everything else
-        with file_identity(self.uid, self.gid):
+        with self._owner():
             fd = self.open_fd(path, base | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY, mode & 0o7777 & ~UMASK)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
@@ -368,7 +455,11 @@ class SandboxFiles:
         """Change what ``change`` names on the inode ``fd`` holds (size, owner, then mode: a chown clears
         set-id bits, then times)."""
         target = _proc_fd(fd)
-        with file_identity(self.uid, self.gid):
+        kind = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind) or stat.S_ISLNK(kind)):
+            raise OSError(errno.EPERM, "attributes change only on files, directories and links")
+        check_own_filesystem(fd, target, self.filesystems)
+        with self._owner():
             if change.size is not None:
                 os.truncate(target, change.size)
             if change.uid is not None or change.gid is not None:
@@ -383,6 +474,27 @@ class SandboxFiles:
 
     # ---- names -----------------------------------------------------------------------------------------
 
+    def dir_start(self, dir_fd: int, path: str) -> builtins.list[tuple[str, os.stat_result]]:
+        """``.`` and ``..`` of the directory open at ``dir_fd`` (its ``path`` finds ``..``)."""
+        found = [(".", os.fstat(dir_fd))]
+        with contextlib.suppress(OSError):
+            found.append(("..", self.stat(path.rstrip("/") + "/..")))
+        return found
+
+    @staticmethod
+    def dir_next(
+        dir_fd: int, scan: Iterator[os.DirEntry[str]], count: int
+    ) -> builtins.list[tuple[str, os.stat_result]]:
+        """Up to ``count`` more entries (not followed) from ``scan`` of the directory open at ``dir_fd``;
+        entries gone meanwhile are skipped; an empty list is the end."""
+        found: builtins.list[tuple[str, os.stat_result]] = []
+        for entry in scan:
+            with contextlib.suppress(OSError):
+                found.append((entry.name, os.stat(entry.name, dir_fd=dir_fd, follow_symlinks=False)))
+            if len(found) >= count:
+                break
+        return found
+
     def entries(self, dir_fd: int, path: str) -> tuple[tuple[str, os.stat_result], ...]:
         """``.``, ``..`` and every entry (not followed) of the directory open at ``dir_fd`` (its ``path``
         finds ``..``), by name; entries gone meanwhile are skipped."""
@@ -395,7 +507,7 @@ class SandboxFiles:
         return tuple(found)
 
     def mkdir(self, path: str, mode: int = 0o777) -> None:
-        with self.parent(path) as (dfd, name), file_identity(self.uid, self.gid):
+        with self.parent(path) as (dfd, name), self._owner():
             os.mkdir(name, 0o700, dir_fd=dfd)
             fd = openat2(dfd, name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
             try:
@@ -404,11 +516,11 @@ class SandboxFiles:
                 os.close(fd)
 
     def rmdir(self, path: str) -> None:
-        with self.parent(path) as (dfd, name), file_identity(self.uid, self.gid):
+        with self.parent(path) as (dfd, name), self._owner():
             os.rmdir(name, dir_fd=dfd)
 
     def unlink(self, path: str) -> None:
-        with self.parent(path) as (dfd, name), file_identity(self.uid, self.gid):
+        with self.parent(path) as (dfd, name), self._owner():
             os.unlink(name, dir_fd=dfd)
 
     def rename(self, old: str, new: str, *, replace: bool) -> None:
@@ -417,7 +529,7 @@ class SandboxFiles:
         with (
             self.parent(old) as (odfd, oname),
             self.parent(new) as (ndfd, nname),
-            file_identity(self.uid, self.gid),
+            self._owner(),
         ):
             if not replace:
                 try:
@@ -439,7 +551,7 @@ class SandboxFiles:
     def symlink(self, target: bytes, path: str) -> None:
         """A symbolic link at ``path`` holding ``target`` verbatim (it is resolved by whoever follows it:
         in the sandbox, or in its root by these primitives)."""
-        with self.parent(path) as (dfd, name), file_identity(self.uid, self.gid):
+        with self.parent(path) as (dfd, name), self._owner():
             os.symlink(target, os.fsencode(name), dir_fd=dfd)
 
     def link(self, old: str, new: str) -> None:
@@ -447,13 +559,64 @@ class SandboxFiles:
         with (
             self.parent(old) as (odfd, oname),
             self.parent(new) as (ndfd, nname),
-            file_identity(self.uid, self.gid),
+            self._owner(),
         ):
             os.link(oname, nname, src_dir_fd=odfd, dst_dir_fd=ndfd, follow_symlinks=False)
 
     def readlink(self, path: str) -> bytes:
         with self.parent(path) as (dfd, name):
             return os.readlink(os.fsencode(name), dir_fd=dfd)
+
+
+class Upload:
+    """A file being written under a temporary name (``SandboxFiles.begin_write``): ``write`` the data, then
+    ``commit`` renames it into place; ``abort`` (also after a commit: then nothing is left to do) removes it."""
+
+    def __init__(
+        self, files: SandboxFiles, path: str, dfd: int, tmp: str, name: str, fd: int, mode: int
+    ) -> None:
+        self.files = files
+        self.path = path
+        self._dfd = dfd
+        self._tmp = tmp
+        self._name = name
+        self._fd = fd
+        self._mode = mode
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                done = os.write(self._fd, view)
+                view = view[done:]
+                self.written += done
+        except OSError as exc:
+            raise _translate(exc, self.path) from None
+
+    def commit(self) -> int:
+        try:
+            os.fchmod(self._fd, self._mode & 0o7777)
+            os.close(self._fd)
+            self._fd = -1
+            with self.files._owner():  # a name made on a tmpfs of the sandbox's, too
+                os.rename(self._tmp, self._name, src_dir_fd=self._dfd, dst_dir_fd=self._dfd)
+            self._tmp = ""
+        except OSError as exc:
+            raise _translate(exc, self.path) from None
+        return self.written
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._tmp:
+            with contextlib.suppress(OSError), self.files._owner():
+                os.unlink(self._tmp, dir_fd=self._dfd)
+            self._tmp = ""
+        if self._dfd >= 0:
+            os.close(self._dfd)
+            self._dfd = -1
 
 
 def _kind(mode: int) -> str:
@@ -471,8 +634,15 @@ _NUMERIC_USER = re.compile(r"([0-9]+)(?::([0-9]+))?")
 
 def _lookup(files: SandboxFiles, table: str, name: str) -> list[str] | None:
     try:
-        text = files.read_small(table).decode(errors="replace")
-    except FileError:
+        if files.pid and not files.confined:  # a running sandbox: read as its root reads (a file worker)
+            from corral.node.fileclient import read_small, sync_session  # here: that module imports this one
+
+            with sync_session(files) as session:
+                data = read_small(session, table)
+        else:
+            data = files.read_small(table)
+        text = data.decode(errors="replace")
+    except (FileError, OSError):
         return None
     for line in text.splitlines():
         fields = line.split(":")
@@ -483,7 +653,8 @@ def _lookup(files: SandboxFiles, table: str, name: str) -> list[str] | None:
 
 def resolve_user(files: SandboxFiles, user: str) -> str:
     """``uid:gid`` for crun/runc from ``uid``, ``uid:gid``, ``name`` or ``name:group`` (names looked up in the
-    sandbox's /etc/passwd and /etc/group)."""
+    sandbox's /etc/passwd and /etc/group, read by a file worker with the sandbox's credentials: blocking, for
+    a thread)."""
     numeric = _NUMERIC_USER.fullmatch(user)
     if numeric:
         uid, gid = int(numeric[1]), numeric[2]

@@ -1,10 +1,12 @@
-"""The few Linux system calls Python's standard library lacks (mount, umount2, openat2), through ctypes."""
+"""The few Linux system calls Python's standard library lacks (mount, umount2, openat2, fstatfs, prctl), through
+ctypes."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 from collections.abc import Iterator
 
@@ -18,6 +20,7 @@ SYS_OPENAT2 = 437  # x86_64
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_IN_ROOT = 0x10
+OPENAT2_ATTEMPTS = 32  # EAGAIN (a rename or mount race seen by the path walk) is retried this many times
 
 
 def _check(result: int, what: str) -> None:
@@ -45,17 +48,18 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RES
     """``openat2(2)``: with RESOLVE_IN_ROOT, ``..``, absolute paths and symlinks resolve as if ``dirfd`` were
     the root, so a path can never leave it."""
     how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve | RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(
-        SYS_OPENAT2,
-        ctypes.c_int(dirfd),
-        ctypes.c_char_p(os.fsencode(path)),  # names that are not UTF-8 arrive as surrogate escapes
-        ctypes.byref(how),
-        ctypes.sizeof(how),
-    )
-    if fd < 0:
+    name = ctypes.c_char_p(os.fsencode(path))  # names that are not UTF-8 arrive as surrogate escapes
+    err = errno.EAGAIN
+    for _attempt in range(OPENAT2_ATTEMPTS):
+        fd = _libc.syscall(SYS_OPENAT2, ctypes.c_int(dirfd), name, ctypes.byref(how), ctypes.sizeof(how))
+        if fd >= 0:
+            return int(fd)
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-    return int(fd)
+        if err != errno.EAGAIN:
+            break
+        # the kernel saw a rename or a mount somewhere on the host while it resolved ".." (openat2(2),
+        # EAGAIN): nothing is wrong with the path, the walk is simply done again
+    raise OSError(err, os.strerror(err), path)
 
 
 _libc.setfsuid.argtypes = [ctypes.c_uint]
@@ -103,3 +107,29 @@ def file_identity(uid: int, gid: int) -> Iterator[None]:
     finally:
         _libc.setfsuid(0)
         _libc.setfsgid(0)
+
+
+class _StatFs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+
+
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(_StatFs)]
+
+
+def fs_type(fd: int) -> int:
+    """``f_type`` of the filesystem ``fd`` is on (fstatfs(2)): which kind of filesystem holds it."""
+    buf = _StatFs()
+    if _libc.fstatfs(fd, ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(buf.f_type) & 0xFFFFFFFF
+
+
+PR_SET_PDEATHSIG = 1
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """``sig`` to this process when its parent ends (prctl PR_SET_PDEATHSIG; cleared by credential changes, so
+    set it after them)."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl PR_SET_PDEATHSIG")

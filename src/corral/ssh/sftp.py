@@ -1,30 +1,34 @@
 """The SFTP subsystem of the SSH gateway (``sftp``, and ``scp``, which speaks SFTP): a sandbox's files as its
-root sees them. The gateway runs as host root, so no path here is ever a host path: every operation goes
-through :class:`SandboxFiles`' confined primitives (openat2 with RESOLVE_IN_ROOT; the last component of a
-path that must not be followed is acted on by name in its parent), new files belong to the sandbox's root,
-and ids go in and out as seen inside the sandbox. Paths are relative to the session's home, ``/root``."""
+root sees them. Nothing here touches a file: every operation is a request to the session's file worker
+(``corral.node.fileworker``), a process holding the sandbox root's credentials (its user namespace, no host
+capability) that runs :class:`SandboxFiles`' confined primitives (openat2 with RESOLVE_IN_ROOT; the last
+component of a path that must not be followed is acted on by name in its parent). The event loop only waits
+for answers, each with a deadline; a worker that misses one is killed. New files belong to the sandbox's root
+and ids are the sandbox's own. Paths are relative to the session's home, ``/root``."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import errno
 import os
 import posixpath
 import stat
 from collections.abc import AsyncIterator, Callable
-from typing import ParamSpec, TypeVar
+from typing import Any
 
 import asyncssh
 
+from corral.domain.bulkhead import Bulkhead, Scope
+from corral.node import fileproto
+from corral.node.fileclient import AsyncSession
 from corral.node.files import AttrChange, FileError, SandboxFiles
 
 HOME = "/root"
-INLINE_IO = 64 * 1024  # reads and writes up to this size run on the event loop; larger ones in a thread
 MAX_READ = 4 * 1024 * 1024  # a larger read request is answered short, as SFTP allows
+PAGE = 256  # directory entries asked of the worker at a time
 _NS = 1_000_000_000
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 _STATUS: dict[int, Callable[[str], asyncssh.SFTPError]] = {
     errno.ENOENT: asyncssh.SFTPNoSuchFile,
@@ -41,6 +45,7 @@ _STATUS: dict[int, Callable[[str], asyncssh.SFTPError]] = {
     errno.EDQUOT: asyncssh.SFTPQuotaExceeded,
     errno.EROFS: asyncssh.SFTPWriteProtect,
     errno.EOPNOTSUPP: asyncssh.SFTPOpUnsupported,
+    errno.EAGAIN: asyncssh.SFTPFailure,
 }
 
 
@@ -54,6 +59,10 @@ def status(exc: Exception, path: str) -> asyncssh.SFTPError:
         return _STATUS.get(exc.errno or 0, asyncssh.SFTPFailure)(message)
     if isinstance(exc, UnicodeError):
         return asyncssh.SFTPInvalidFilename(f"{path}: only UTF-8 names are supported")
+    if isinstance(exc, FileError) and exc.kind == "not_found":
+        return asyncssh.SFTPNoSuchFile(str(exc))
+    if isinstance(exc, FileError) and exc.kind in ("denied", "refused"):
+        return asyncssh.SFTPPermissionDenied(str(exc))
     return asyncssh.SFTPFailure(str(exc))
 
 
@@ -137,102 +146,142 @@ def id_names(text: str) -> dict[int, str]:
     return names
 
 
+@dataclasses.dataclass
 class _File:
-    """An open file of the sandbox (``fileno``/``seek`` for asyncssh's sparse-range extension)."""
+    """An open file of the sandbox: the worker's handle for it."""
 
-    def __init__(self, fd: int, path: str) -> None:
-        self.fd = fd
-        self.path = path
+    handle: int
+    path: str
 
-    def fileno(self) -> int:
-        return self.fd
 
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        return os.lseek(self.fd, offset, whence)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
+def _change_wire(change: AttrChange) -> dict[str, int | None]:
+    return dataclasses.asdict(change)
 
 
 class _Listing:
-    """A directory listing: the directory is opened at once (so OPENDIR reports a missing one), read on the
-    first READDIR in a thread; the fd is closed once read, or when the handle is dropped unread."""
+    """A directory listing, read from the worker a page at a time (``.`` and ``..`` first); the worker's
+    handle is closed at the end."""
 
-    def __init__(self, server: SandboxSFTP, fd: int, path: str) -> None:
+    def __init__(self, server: SandboxSFTP, path: str) -> None:
         self._server = server
-        self._fd = fd
         self._path = path
-        self._names: list[asyncssh.SFTPName] | None = None
+        self._handle: int | None = None
+        self._page: list[asyncssh.SFTPName] = []
+        self._done = False
 
     def __aiter__(self) -> _Listing:
         return self
 
     async def __anext__(self) -> asyncssh.SFTPName:
-        if self._names is None:
-            try:
-                entries = await self._server.run(self._path, self._server.files.entries, self._fd, self._path)
-            finally:
-                self._close()
-            self._names = [
-                asyncssh.SFTPName(os.fsencode(name), attrs=self._server.attrs(st)) for name, st in entries
-            ]
-            self._names.reverse()
-        if not self._names:
+        if not self._page and not self._done:
+            await self._fill()
+        if not self._page:
             raise StopAsyncIteration
-        return self._names.pop()
+        return self._page.pop()
 
-    def _close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def __del__(self) -> None:
-        self._close()
+    async def _fill(self) -> None:
+        server, where = self._server, self._path
+        if self._handle is None:
+            reply, _ = await server.call(where, {"op": "opendir", "path": where})
+            self._handle = int(reply["h"])
+        reply, _ = await server.call(where, {"op": "readdir", "h": self._handle, "count": PAGE})
+        entries = reply["entries"]
+        if not entries:
+            self._done = True
+            await server.call(where, {"op": "close", "h": self._handle})
+            return
+        await server.load_names()
+        self._page = [
+            asyncssh.SFTPName(bytes.fromhex(name), attrs=server.attrs(fileproto.stat_from_wire(st)))
+            for name, st in entries
+        ]
+        self._page.reverse()
 
 
 class SandboxSFTP(asyncssh.SFTPServer):
-    """An SFTP session as the root of the sandbox ``files`` reaches, confined to its root."""
+    """An SFTP session as the root of the sandbox ``files`` reaches, confined to its root, served by a file
+    worker started at the first request (``session``: one already started, for tests)."""
 
     def __init__(
         self,
         chan: asyncssh.SSHServerChannel[bytes],
         files: SandboxFiles,
         on_exit: Callable[[], None] | None = None,
+        *,
+        timeout_s: float = 30.0,
     ) -> None:
         super().__init__(chan)
         self.files = files
         self._on_exit = on_exit
-        self._names: dict[str, dict[int, str]] = {}
+        self._timeout_s = timeout_s
+        self._names: dict[str, dict[int, str]] | None = None
+        self._session: AsyncSession | None = None
+        self._starting = asyncio.Lock()
+        self._closed = False
+        self._refused: str | None = None
+        self._slot: tuple[Bulkhead, list[Scope]] | None = None
+        self._take_slot(chan)
+
+    def _take_slot(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        """An SFTP session counts as one of the SSH sessions of its account and VM (the gateway's session
+        bulkhead, when it has one): past the cap every request fails, saying why."""
+        owner = chan.get_connection().get_owner()
+        limits, target = getattr(owner, "limits", None), getattr(owner, "target", None)
+        sessions = getattr(limits, "sessions", None)
+        if not isinstance(sessions, Bulkhead) or target is None:
+            return
+        scopes: list[Scope] = [("user", str(target.user_id)), ("vm", str(target.vm_id))]
+        full = sessions.try_acquire(scopes)
+        if full is not None:
+            where = "your account" if full[0] == "user" else "this VM"
+            self._refused = f"{where} has too many sessions open; retry when one ends"
+        else:
+            self._slot = (sessions, scopes)
 
     # ---- plumbing ------------------------------------------------------------------------------------------
 
-    async def run(self, path: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """``fn`` in a thread (file_identity is per thread: it is taken there), failures as SFTP statuses."""
+    async def worker(self) -> AsyncSession:
+        async with self._starting:
+            if self._refused is not None:
+                raise asyncssh.SFTPFailure(self._refused)
+            if self._closed:
+                raise asyncssh.SFTPFailure("the session has ended")
+            if self._session is None:
+                session = await AsyncSession.start(self.files, self._timeout_s)
+                if self._closed:  # the subsystem ended while the worker started
+                    session.close()
+                    raise asyncssh.SFTPFailure("the session has ended")
+                self._session = session
+            return self._session
+
+    async def call(
+        self, path: str, header: dict[str, Any], data: bytes = b""
+    ) -> tuple[dict[str, Any], bytes]:
+        """One request to the worker, failures as SFTP statuses."""
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            return await (await self.worker()).call(header, data)
         except (OSError, FileError, UnicodeError) as exc:
             raise status(exc, path) from None
 
-    def now(self, path: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """``fn`` on the event loop (one quick system call), failures as SFTP statuses."""
-        try:
-            return fn(*args, **kwargs)
-        except (OSError, FileError, UnicodeError) as exc:
-            raise status(exc, path) from None
+    async def load_names(self) -> None:
+        """The sandbox's user and group names (read once per session, as its root reads them)."""
+        if self._names is not None:
+            return
+        names: dict[str, dict[int, str]] = {}
+        for table in ("/etc/passwd", "/etc/group"):
+            try:
+                _, data = await (await self.worker()).call(
+                    {"op": "read_small", "path": table, "limit": 256 * 1024}
+                )
+                names[table] = id_names(data.decode(errors="replace"))
+            except (OSError, FileError):
+                names[table] = {}
+        self._names = names
 
     def _id_name(self, table: str, ident: int | None) -> str:
         if ident is None:
             return ""
-        if table not in self._names:
-            try:
-                self._names[table] = id_names(
-                    self.files.read_small(table, 256 * 1024).decode(errors="replace")
-                )
-            except (FileError, OSError):
-                self._names[table] = {}
-        return self._names[table].get(ident, str(ident))
+        return (self._names or {}).get(table, {}).get(ident, str(ident))
 
     def format_user(self, uid: int | None) -> str:
         return self._id_name("/etc/passwd", uid)
@@ -241,136 +290,153 @@ class SandboxSFTP(asyncssh.SFTPServer):
         return self._id_name("/etc/group", gid)
 
     def attrs(self, st: os.stat_result) -> asyncssh.SFTPAttrs:
-        """SFTP attributes of ``st``, with the ids (and names) as seen inside the sandbox."""
+        """SFTP attributes of ``st`` (a stat made in the sandbox's namespace: its own ids)."""
         attrs = asyncssh.SFTPAttrs.from_local(st)
-        attrs.uid = self.files.inside_uid(st.st_uid)
-        attrs.gid = self.files.inside_gid(st.st_gid)
         attrs.owner = self.format_user(attrs.uid)
         attrs.group = self.format_group(attrs.gid)
         attrs.nlink = st.st_nlink
         return attrs
+
+    async def _stat_reply(self, path: str, header: dict[str, Any]) -> asyncssh.SFTPAttrs:
+        reply, _ = await self.call(path, header)
+        await self.load_names()
+        return self.attrs(fileproto.stat_from_wire(reply["st"]))
+
+    async def _vfs_reply(self, path: str, header: dict[str, Any]) -> asyncssh.SFTPVFSAttrs:
+        reply, _ = await self.call(path, header)
+        bsize, frsize, blocks, bfree, bavail, files, ffree, favail, fsid, flag, namemax = reply["vfs"]
+        return asyncssh.SFTPVFSAttrs(
+            bsize, frsize, blocks, bfree, bavail, files, ffree, favail, fsid, flag, namemax
+        )
 
     # ---- files ---------------------------------------------------------------------------------------------
 
     async def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> object:
         where = sandbox_path(path)
         mode = 0o666 if attrs.permissions is None else stat.S_IMODE(attrs.permissions)
-        fd = await self.run(where, self.files.open_file, where, open_flags(pflags), mode)
-        return _File(fd, where)
+        reply, _ = await self.call(
+            where, {"op": "open", "path": where, "flags": open_flags(pflags), "mode": mode}
+        )
+        return _File(int(reply["h"]), where)
 
     async def open56(self, path: bytes, desired_access: int, flags: int, attrs: asyncssh.SFTPAttrs) -> object:
         return await self.open(path, v3_pflags(desired_access, flags), attrs)
 
-    def close(self, file_obj: object) -> None:
+    async def close(self, file_obj: object) -> None:
+        """Close a file; never fails (asyncssh closes what is left this way when the session ends, and the
+        worker closes everything when it ends)."""
         assert isinstance(file_obj, _File)
-        file_obj.close()
+        if self._session is not None and not self._closed:
+            with contextlib.suppress(asyncssh.SFTPError):
+                await self.call(file_obj.path, {"op": "close", "h": file_obj.handle})
 
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         assert isinstance(file_obj, _File)
-        size = min(size, MAX_READ)
-        if size <= INLINE_IO:
-            return self.now(file_obj.path, os.pread, file_obj.fd, size, offset)
-        return await self.run(file_obj.path, os.pread, file_obj.fd, size, offset)
+        request = {"op": "read", "h": file_obj.handle, "offset": offset, "size": min(size, MAX_READ)}
+        _, data = await self.call(file_obj.path, request)
+        return data
 
     async def write(self, file_obj: object, offset: int, data: bytes) -> int:
         assert isinstance(file_obj, _File)
-        if len(data) <= INLINE_IO:
-            return self.now(file_obj.path, _pwrite_all, file_obj.fd, data, offset)
-        return await self.run(file_obj.path, _pwrite_all, file_obj.fd, data, offset)
+        reply, _ = await self.call(
+            file_obj.path, {"op": "write", "h": file_obj.handle, "offset": offset}, data
+        )
+        return int(reply["n"])
 
-    def fstat(self, file_obj: object) -> asyncssh.SFTPAttrs:
+    async def fstat(self, file_obj: object) -> asyncssh.SFTPAttrs:
         assert isinstance(file_obj, _File)
-        return self.attrs(self.now(file_obj.path, os.fstat, file_obj.fd))
+        return await self._stat_reply(file_obj.path, {"op": "fstat", "h": file_obj.handle})
 
     async def fsetstat(self, file_obj: object, attrs: asyncssh.SFTPAttrs) -> None:
         assert isinstance(file_obj, _File)
-        await self.run(file_obj.path, self.files.set_fd_attrs, file_obj.fd, attr_change(attrs))
+        change = _change_wire(attr_change(attrs))
+        await self.call(file_obj.path, {"op": "fsetstat", "h": file_obj.handle, "change": change})
 
     async def fsync(self, file_obj: object) -> None:
         assert isinstance(file_obj, _File)
-        await self.run(file_obj.path, os.fsync, file_obj.fd)
+        await self.call(file_obj.path, {"op": "fsync", "h": file_obj.handle})
 
-    def fstatvfs(self, file_obj: object) -> asyncssh.SFTPVFSAttrs:
+    async def fstatvfs(self, file_obj: object) -> asyncssh.SFTPVFSAttrs:
         assert isinstance(file_obj, _File)
-        return asyncssh.SFTPVFSAttrs.from_local(self.now(file_obj.path, os.statvfs, file_obj.fd))
+        return await self._vfs_reply(file_obj.path, {"op": "fstatvfs", "h": file_obj.handle})
 
     # ---- paths ---------------------------------------------------------------------------------------------
 
     async def stat(self, path: bytes) -> asyncssh.SFTPAttrs:
         where = sandbox_path(path)
-        return self.attrs(await self.run(where, self.files.stat, where))
+        return await self._stat_reply(where, {"op": "stat", "path": where, "follow": True})
 
     async def lstat(self, path: bytes) -> asyncssh.SFTPAttrs:
         where = sandbox_path(path)
-        return self.attrs(await self.run(where, self.files.stat, where, follow=False))
+        return await self._stat_reply(where, {"op": "stat", "path": where, "follow": False})
 
     async def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
         where = sandbox_path(path)
-        await self.run(where, self.files.set_attrs, where, attr_change(attrs))
+        change = _change_wire(attr_change(attrs))
+        await self.call(where, {"op": "setstat", "path": where, "change": change, "follow": True})
 
     async def lsetstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
         where = sandbox_path(path)
-        await self.run(where, self.files.set_attrs, where, attr_change(attrs), follow=False)
+        change = _change_wire(attr_change(attrs))
+        await self.call(where, {"op": "setstat", "path": where, "change": change, "follow": False})
 
     async def statvfs(self, path: bytes) -> asyncssh.SFTPVFSAttrs:
         where = sandbox_path(path)
-        return asyncssh.SFTPVFSAttrs.from_local(await self.run(where, self.files.statvfs, where))
+        return await self._vfs_reply(where, {"op": "statvfs", "path": where})
 
     def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
-        where = sandbox_path(path)
-        fd = self.now(where, self.files.open_fd, where, os.O_RDONLY | os.O_DIRECTORY)
-        return _Listing(self, fd, where)
+        return _Listing(self, sandbox_path(path))
 
     async def mkdir(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
         where = sandbox_path(path)
         mode = 0o777 if attrs.permissions is None else stat.S_IMODE(attrs.permissions)
-        await self.run(where, self.files.mkdir, where, mode)
+        await self.call(where, {"op": "mkdir", "path": where, "mode": mode})
 
     async def rmdir(self, path: bytes) -> None:
         where = sandbox_path(path)
-        await self.run(where, self.files.rmdir, where)
+        await self.call(where, {"op": "rmdir", "path": where})
 
     async def remove(self, path: bytes) -> None:
         where = sandbox_path(path)
-        await self.run(where, self.files.unlink, where)
+        await self.call(where, {"op": "unlink", "path": where})
 
     async def rename(self, oldpath: bytes, newpath: bytes) -> None:
         old, new = sandbox_path(oldpath), sandbox_path(newpath)
-        await self.run(old, self.files.rename, old, new, replace=False)
+        await self.call(old, {"op": "rename", "old": old, "new": new, "replace": False})
 
     async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
         old, new = sandbox_path(oldpath), sandbox_path(newpath)
-        await self.run(old, self.files.rename, old, new, replace=True)
+        await self.call(old, {"op": "rename", "old": old, "new": new, "replace": True})
 
     async def readlink(self, path: bytes) -> bytes:
         where = sandbox_path(path)
-        return await self.run(where, self.files.readlink, where)
+        _, target = await self.call(where, {"op": "readlink", "path": where})
+        return target
 
     async def symlink(self, oldpath: bytes, newpath: bytes) -> None:
         """A link at ``newpath`` holding ``oldpath`` verbatim (never resolved here)."""
         if not oldpath or b"\x00" in oldpath:
             raise asyncssh.SFTPInvalidParameter("a symbolic link needs a target without NUL")
         where = sandbox_path(newpath)
-        await self.run(where, self.files.symlink, oldpath, where)
+        await self.call(where, {"op": "symlink", "path": where}, oldpath)
 
     async def link(self, oldpath: bytes, newpath: bytes) -> None:
         old, new = sandbox_path(oldpath), sandbox_path(newpath)
-        await self.run(new, self.files.link, old, new)
+        await self.call(new, {"op": "link", "old": old, "new": new})
 
     def realpath(self, path: bytes) -> bytes:
         return lexical_realpath(path)
 
     def exit(self) -> None:
         """End the subsystem with exit status 0, as sshd reports its sftp-server's (OpenSSH's scp fails
-        a transfer whose channel closes without one)."""
+        a transfer whose channel closes without one); the worker ends with the session."""
+        self._closed = True
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        if self._slot is not None:
+            self._slot[0].release(self._slot[1])
+            self._slot = None
         self.channel.exit(0)
         if self._on_exit is not None:
             self._on_exit()
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
-    return done

@@ -20,7 +20,9 @@ _DESCRIPTIONS = {
     429: "Rate limited; see the Retry-After header",
     500: "The host could not capture or restore the sandbox (`state_failed`); the VM is left as it was",
     503: "The node is full (`node_full`: the message says what is short) or runs no sandboxes "
-    "(`node_unavailable`)",
+    "(`node_unavailable`), or a transient failure (`temporarily_unavailable`: retry after Retry-After)",
+    408: "The request body stopped arriving (`request_timeout`); nothing was kept",
+    507: "The VM's disk is full (`disk_full`); no partial file is left",
 }
 
 
@@ -28,7 +30,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         entry: dict[str, Any] = {"model": ErrorEnvelope, "description": _DESCRIPTIONS[status]}
-        if status == 429:
+        if status in (429, 503):
             entry["headers"] = {
                 "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
             }
