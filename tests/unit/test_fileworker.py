@@ -104,7 +104,10 @@ def test_an_inode_the_host_owns_cannot_be_changed(box: Box) -> None:
     mine = box.root / "mine"
     mine.write_text("x")
     box.own(mine)
-    assert one(box, {"op": "setstat", "path": "/mine", "change": {"mode": 0o600, "uid": 7}}) == ({"ok": True}, b"")
+    assert one(box, {"op": "setstat", "path": "/mine", "change": {"mode": 0o600, "uid": 7}}) == (
+        {"ok": True},
+        b"",
+    )
     assert (stat.S_IMODE(mine.stat().st_mode), mine.stat().st_uid) == (0o600, OFFSET + 7)
 
 
@@ -113,7 +116,8 @@ def test_a_file_only_the_hosts_root_may_read_is_refused(box: Box) -> None:
     secret.write_text("host only\n")
     secret.chmod(0o400)
     result = one(box, {"op": "open_read", "path": "/slabinfo-like"})
-    assert isinstance(result, FileError) and result.kind == "denied", result
+    assert isinstance(result, FileError), result
+    assert result.kind == "denied"
     with sync_session(box.files) as session, pytest.raises(FileError):
         read_small(session, "/slabinfo-like")
 
@@ -158,7 +162,8 @@ def test_kernel_filesystems_and_device_nodes_are_refused(box: Box) -> None:
             ({"op": "setstat", "path": "/version", "change": {"mtime_ns": 0}}, b""),
         )
         assert all(isinstance(r, (OSError, FileError)) for r in results), results
-        assert isinstance(results[0], FileError) and results[0].kind == "refused"
+        assert isinstance(results[0], FileError)
+        assert results[0].kind == "refused"
         assert snapshot(box.root / "null") == before
     finally:
         umount(str(version))
@@ -289,7 +294,7 @@ def test_openat2_retries_eagain_then_reports_it_as_transient(monkeypatch: pytest
     os.close(fd)
     assert fake.calls == 4
     monkeypatch.setattr(syscalls, "_libc", _AgainThenOpen(10**6))
-    with pytest.raises(OSError) as failed:
+    with pytest.raises(OSError, match="Resource temporarily unavailable") as failed:
         syscalls.openat2(0, "/x", os.O_PATH)
     assert failed.value.errno == errno.EAGAIN
     # ... which the API answers 503 with Retry-After, never 400 invalid_path
@@ -333,7 +338,8 @@ def test_frames_round_trip_and_oversize_is_refused() -> None:
     text_len, data_len = fileproto.sizes(frame[: fileproto.HEADER.size])
     body = frame[fileproto.HEADER.size :]
     assert fileproto.decode_header(body[:text_len]) == {"op": "write", "h": 3}
-    assert body[text_len:] == b"\x00data" and data_len == 5
+    assert body[text_len:] == b"\x00data"
+    assert data_len == 5
     with pytest.raises(fileproto.ProtocolError):
         fileproto.sizes(fileproto.HEADER.pack(fileproto.MAX_JSON + 1, 0))
     with pytest.raises(fileproto.ProtocolError):
