@@ -23,9 +23,9 @@ from corral.api.routers import (
     execs,
     files,
     health,
+    node,
     proxy,
     secrets,
-    node,
     state,
     usage,
     users,
@@ -187,10 +187,10 @@ def create_app(
         state,
         access,
         proxy,
+        node,
     ):
         app.include_router(module.router)
     app.include_router(vms.images_router)
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
     app.openapi = lambda: openapi.build(app)  # type: ignore[method-assign]
     return app
-        node,

@@ -563,6 +563,7 @@ class LocalNode:
         left = self.disks.unmount()
         if self.gateway is not None:
             self.gateway.teardown()
+        return left
 
 
 AGENT_SOCKET = "agent.sock"
@@ -602,7 +603,6 @@ def listening(path: Path) -> Iterator[socket.socket]:
         os.chmod(path, 0o600)
         listener.listen(128)
         yield listener
-        return left
     finally:
         listener.close()
 
