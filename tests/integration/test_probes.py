@@ -1,4 +1,5 @@
-"""Readiness reflects the database: 503 ``not_ready`` when it does not answer, without taking liveness down."""
+"""Readiness reflects the database: 503 ``not_ready`` when it does not answer, with the parts listed, without
+taking liveness down."""
 
 from __future__ import annotations
 
@@ -18,11 +19,20 @@ def test_readyz_is_503_when_the_database_is_gone(tmp_path: Path) -> None:
     app = create_app(settings)
     state: AppState = app.state.corral
     with TestClient(app) as client:
-        assert client.get("/readyz").json() == {"status": "ready"}
+        off = {"status": "off", "detail": None}
+        ready = {
+            "store": {"status": "ok", "detail": None},
+            **dict.fromkeys(("node", "egress", "resolver", "ssh"), off),
+        }
+        assert client.get("/readyz").json() == {"status": "ready", "parts": ready}
         # point the app at a PostgreSQL address where nothing listens
         state.engine = create_engine(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none")
         resp = client.get("/readyz")
         assert resp.status_code == 503
-        assert resp.json()["error"]["code"] == "not_ready"
+        assert resp.json()["error"] == {
+            "code": "not_ready",
+            "message": "Not ready: store (the database does not answer)",
+        }
+        assert resp.json()["parts"]["store"] == {"status": "down", "detail": "the database does not answer"}
         assert client.get("/healthz").json() == {"status": "ok"}
     state.engine.dispose()

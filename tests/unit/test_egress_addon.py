@@ -15,13 +15,15 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.test.tflow import tclient_conn, tflow
 
 from corral.domain.egress_policy import ENFORCE, WARN, Forbidden, Policy, Rule
-from corral.egress.addon import EgressAddon, _Refuse
+from corral.egress.addon import PROBE_REQUEST, EgressAddon, _Refuse, _Reply
 from corral.egress.dns import NameMemory, Resolver, Upstream
 from corral.egress.inject import SecretEntry
+from corral.egress.limits import Caps
 from corral.egress.state import VmEntry
 from corral.services.audit import NewEvent
 
 SANDBOX = "10.88.0.1"
+SIBLING = "10.88.0.2"
 NAMES = {
     "allowed.test": ["198.18.1.1"],
     "other.test": ["198.18.1.2"],
@@ -52,13 +54,15 @@ def vm(mode: str = ENFORCE) -> VmEntry:
 
 
 class Harness:
-    def __init__(self, mode: str = ENFORCE, max_per_vm: int = 1024) -> None:
+    def __init__(self, mode: str = ENFORCE, max_per_vm: int = 1024, caps: Caps | None = None) -> None:
         self.events: list[NewEvent] = []
         self.memory = NameMemory()
+        self.time = 1000.0
         entry = vm(mode)
+        sibling = VmEntry("vm_2", "usr_1", entry.policy, ())  # another VM of the same owner
 
         async def identify(address: str) -> VmEntry | None:
-            return entry if address == SANDBOX else None
+            return {SANDBOX: entry, SIBLING: sibling}.get(address)
 
         self.addon = EgressAddon(
             identify=identify,
@@ -68,6 +72,10 @@ class Harness:
             audit=self.events.append,
             now=lambda: datetime(2026, 1, 1, tzinfo=UTC),
             max_per_vm=max_per_vm,
+            caps=caps,
+            first_byte_timeout=30.0,
+            health=lambda: "ok policy_age=0.2",
+            clock=lambda: self.time,
         )
 
     def connect(
@@ -82,7 +90,12 @@ class Harness:
         nl = layer.NextLayer(ctx)
         if data:
             nl.events.append(events.DataReceived(client, data))
-        asyncio.run(self.addon.next_layer(nl))
+
+        async def accept_then_decide() -> None:
+            await self.addon.client_connected(client)  # a refused one (client.error) never gets further
+            await self.addon.next_layer(nl)
+
+        asyncio.run(accept_then_decide())
         return nl, ctx
 
 
@@ -184,6 +197,60 @@ def test_connections_per_vm_are_capped_and_freed() -> None:
     h.addon.client_disconnected(first.context.client)
     again, _ = h.connect(client_hello("allowed.test"))
     assert isinstance(again.layer, layers.TCPLayer)
+
+
+def test_silent_connections_are_counted_at_accept_and_refused_beyond_the_cap() -> None:
+    h = Harness(max_per_vm=2)
+    silent = [h.connect(b"")[0] for _ in range(2)]
+    assert all(nl.layer is None and nl.context.client.error is None for nl in silent)  # waiting, counted
+    assert h.addon.open_per_vm == {"vm_1": 2}
+    third, _ = h.connect(b"")
+    assert third.context.client.error is not None  # closed at accept, before any byte
+    assert isinstance(third.layer, _Refuse)
+    assert h.events == []
+    assert h.addon.refused == 1
+    h.addon.client_disconnected(silent[0].context.client)
+    assert h.addon.open_per_vm == {"vm_1": 1}
+    assert h.connect(b"")[0].context.client.error is None
+
+
+def test_an_owners_vms_share_the_owner_cap() -> None:
+    h = Harness(caps=Caps(per_vm=3, per_owner=4, total=100))
+    for _ in range(3):
+        assert h.connect(b"")[0].context.client.error is None
+    assert h.connect(b"", peer=SIBLING)[0].context.client.error is None
+    refused, _ = h.connect(b"", peer=SIBLING)  # vm_2 holds 1 of its 3, but usr_1 holds 4 of 4
+    assert refused.context.client.error is not None
+    assert h.addon.counts.by_owner == {"usr_1": 4}
+
+
+def test_undecided_connections_expire_after_the_first_byte_timeout() -> None:
+    h = Harness()
+    silent, _ = h.connect(b"")
+    partial, _ = h.connect(b"GET /pa", dst=("198.18.1.1", 80))
+    decided, _ = h.connect(client_hello("allowed.test"))
+    h.time += 29.0
+    assert h.addon.undecided_expired() == []
+    h.time += 1.5
+    assert sorted(h.addon.undecided_expired()) == sorted(
+        [silent.context.client.id, partial.context.client.id]
+    )
+    assert decided.context.client.id not in h.addon.undecided_expired()
+
+
+def test_the_supervisors_probe_from_loopback_is_answered_and_not_counted() -> None:
+    h = Harness()
+    waiting, _ = h.connect(PROBE_REQUEST[:5], peer="127.0.0.1")
+    assert waiting.layer is None
+    nl, _ = h.connect(PROBE_REQUEST, peer="127.0.0.1")
+    assert isinstance(nl.layer, _Reply)
+    assert nl.layer.reply == b"corral-egress ok policy_age=0.2\n"
+    other, _ = h.connect(b"GET / HTTP/1.1\r\n", peer="127.0.0.1")
+    assert isinstance(other.layer, _Refuse)
+    assert h.addon.open_per_vm == {}
+    assert h.events == []
+    h.time += 31
+    assert len(h.addon.undecided_expired()) == 3  # a probe that never finishes is closed too
 
 
 # ---- HTTP requests ------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from corral.api.routers import (
     execs,
     files,
     health,
-    node,
     proxy,
     secrets,
     state,
@@ -35,7 +34,7 @@ from corral.config import Settings, prepare_data_dir
 from corral.domain.clock import Clock, SystemClock
 from corral.domain.ratelimit import Limit, RateLimiter
 from corral.egress.supervisor import EgressSupervisor
-from corral.node.setup import admit_creates, ensure_default_image, make_node
+from corral.node.setup import ensure_default_image, make_node
 from corral.node.snapstore import LocalSnapshotStore
 from corral.runtime.images import Progress
 from corral.security.secretbox import AesGcmCipher, load_or_create_key
@@ -85,7 +84,6 @@ def make_lifecycle(
     )
     saved = StateService(life, LocalSnapshotStore(settings.snapshots_path))
     life.saved_state = saved
-    admit_creates(life, settings)
     life.on_destroy = saved.forget_vm
     result = life.reconcile()
     saved.reconcile()
@@ -123,6 +121,7 @@ def create_app(
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.max_concurrent_requests
         if egress_process is not None:
             await anyio.to_thread.run_sync(egress_process.start)
+            app.state.corral.egress = egress_process  # its probes are parts of /readyz
         if life is not None:
             life.start_background()
         if life is not None and settings.ssh:
@@ -187,7 +186,6 @@ def create_app(
         state,
         access,
         proxy,
-        node,
     ):
         app.include_router(module.router)
     app.include_router(vms.images_router)

@@ -15,6 +15,7 @@ from starlette.requests import HTTPConnection
 from corral.config import Settings
 from corral.domain.errors import RateLimited, Unauthorized
 from corral.domain.ratelimit import RateLimiter
+from corral.egress.supervisor import EgressSupervisor
 from corral.services.context import Services
 from corral.services.lifecycle import Lifecycle
 from corral.services.state import StateService
@@ -34,6 +35,7 @@ class AppState:
     reads: sessionmaker[Session] | None = None  # read-only sessions (no write lock on SQLite)
     saved_state: StateService | None = None  # snapshots, hibernate, fork, checkpoints
     ssh: SshGateway | None = None  # the SSH gateway, while it listens
+    egress: EgressSupervisor | None = None  # the egress process's supervisor (probes for /readyz)
 
 
 def state(request: Request) -> AppState:

@@ -81,6 +81,27 @@ class Health(Response):
     status: Literal["ok", "ready"]
 
 
+class PartHealth(Response):
+    """One part of the server in ``/readyz``: ``ok``, ``down`` (``detail`` says why) or ``off`` (not run by
+    this server's configuration)."""
+
+    status: Literal["ok", "down", "off"]
+    detail: str | None = None
+
+
+class Readiness(Response):
+    """``/readyz`` when ready: every part (``store``, ``node``, ``egress``, ``resolver``, ``ssh``) ok or off."""
+
+    status: Literal["ready"]
+    parts: dict[str, PartHealth]
+
+
+class NotReady(ErrorEnvelope):
+    """``/readyz`` when not ready (503 ``not_ready``): the message names the parts that are down."""
+
+    parts: dict[str, PartHealth]
+
+
 # --- users ----------------------------------------------------------------------------------------------
 
 
@@ -445,10 +466,6 @@ class FileEntryOut(Response):
 class FileListOut(Response):
     path: str
     data: list[FileEntryOut]
-    has_more: bool
-    cursor: str | None = Field(
-        description="Pass as `cursor` (with the same `path`) for the next page; null on the last."
-    )
 
 
 class UploadOut(Response):

@@ -19,8 +19,10 @@ again with the bytes it carried when the connection closes or the next request o
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -38,6 +40,7 @@ from corral.domain.egress_policy import Decision, Forbidden, is_ip_literal, norm
 from corral.domain.ids import Prefix, new_id
 from corral.egress.dns import NameMemory, Resolver, UpstreamError
 from corral.egress.inject import Injector
+from corral.egress.limits import Caps, Counts, Throttle, held_note
 from corral.egress.state import VmEntry
 from corral.services.audit import NewEvent
 
@@ -52,7 +55,11 @@ MAX_REQUEST_LINE = 16384
 MAX_UNDECIDED = 64 * 1024  # bytes a connection may send before it is decided (a ClientHello fits easily)
 # one sandbox cannot hold every descriptor of the proxy, which all sandboxes of the node share
 MAX_CONNECTIONS_PER_VM = 1024
+FIRST_BYTE_TIMEOUT = 30.0  # seconds a connection may stay undecided (silent, or a start cut short)
 BLOCKED_BODY = b"Blocked by the Corral egress policy.\n"
+# the supervisor's end-to-end probe, from the gateway's own loopback (no sandbox can send from there)
+PROBE_REQUEST = b"CORRAL-EGRESS-PROBE\n"
+LOG_EVERY = 10.0  # seconds between two log lines about the same refusal
 
 
 def audit_host(name: str | None) -> str | None:
@@ -110,6 +117,8 @@ class Conn:
     intercepted: bool = False
     port: int = 0
     traffic: Traffic = field(default_factory=Traffic)
+    opened: float = 0.0  # monotonic time of the accept
+    decided: bool = False  # a top layer was chosen (until then the first-byte timeout applies)
 
 
 def count_bytes(chosen: layer.Layer, traffic: Traffic) -> layer.Layer:
@@ -152,6 +161,27 @@ class _Refuse(layer.Layer):
         yield from ()
 
 
+class _Reply(_Refuse):
+    """Send ``reply`` and close (the answer to the supervisor's probe)."""
+
+    def __init__(self, context: Any, reply: bytes) -> None:
+        super().__init__(context)
+        self.reply = reply
+
+    def _handle_event(self, event: events.Event) -> Generator[commands.Command, Any, None]:
+        if isinstance(event, events.Start | events.DataReceived):
+            self._handle_event = self._done  # type: ignore[method-assign]
+            yield commands.SendData(self.context.client, self.reply)
+            yield commands.CloseConnection(self.context.client)
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 class EgressAddon:
     def __init__(
         self,
@@ -163,6 +193,10 @@ class EgressAddon:
         audit: Callable[[NewEvent], None],
         now: Callable[[], datetime],
         max_per_vm: int = MAX_CONNECTIONS_PER_VM,
+        caps: Caps | None = None,
+        first_byte_timeout: float = FIRST_BYTE_TIMEOUT,
+        health: Callable[[], str] = lambda: "ok",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.identify = identify
         self.resolver = resolver
@@ -171,22 +205,70 @@ class EgressAddon:
         self.audit = audit
         self.now = now
         self.conns: dict[str, Conn] = {}
-        self.open_per_vm: dict[str, int] = {}
-        self.max_per_vm = max_per_vm
+        self.counts = Counts(caps or Caps(per_vm=max_per_vm))
+        self.first_byte_timeout = first_byte_timeout
+        self.health = health
+        self.clock = clock
+        self.probes: dict[str, float] = {}  # client id -> accepted at (the supervisor's probes)
+        self.refused = 0  # connections refused at accept (unknown address or a cap)
+        self.expired = 0  # connections closed undecided by the first-byte timeout
+        self._throttle = Throttle(LOG_EVERY, clock)
 
     # ---- bookkeeping ----------------------------------------------------------------------------------------
 
+    @property
+    def open_per_vm(self) -> dict[str, int]:
+        return self.counts.by_vm
+
+    async def client_connected(self, client: Client) -> None:
+        """Every accepted connection is identified and counted at once, before it sends anything: one over
+        a cap of its VM, its owner or the node is closed right away (``client.error``)."""
+        address = str(client.peername[0])
+        if is_loopback(address):
+            self.probes[client.id] = self.clock()
+            return
+        vm = await self.identify(address)
+        if vm is None:
+            self._refuse_at_accept(client, ("unknown", address), f"connection from unknown address {address}")
+            return
+        if client.timestamp_end is not None:  # gone while we looked it up
+            client.error = "closed"
+            return
+        over = self.counts.admit(vm.vm_id, vm.user_id)
+        if over is not None:
+            which = {"vm": f"{vm.vm_id}", "owner": f"the owner of {vm.vm_id}", "total": "the node"}[over]
+            limit = {"vm": self.counts.caps.per_vm, "owner": self.counts.caps.per_owner}.get(
+                over, self.counts.caps.total
+            )
+            self._refuse_at_accept(
+                client, (over, vm.vm_id), f"{which} has {limit} connections open: one more refused"
+            )
+            return
+        self.conns[client.id] = Conn(vm, "tcp", opened=self.clock())
+
+    def _refuse_at_accept(self, client: Client, key: tuple[str, str], message: str) -> None:
+        client.error = "refused"
+        self.refused += 1
+        held = self._throttle.due(key)
+        if held is not None:
+            log.warning("%s%s", message, held_note(held))
+
     def client_disconnected(self, client: Client) -> None:
+        self.probes.pop(client.id, None)
         conn = self.conns.pop(client.id, None)
         if conn is not None:
             counted = conn.traffic.settle()
             if counted is not None:
                 self.audit(counted)
-            left = self.open_per_vm.get(conn.vm.vm_id, 1) - 1
-            if left > 0:
-                self.open_per_vm[conn.vm.vm_id] = left
-            else:
-                self.open_per_vm.pop(conn.vm.vm_id, None)
+            self.counts.release(conn.vm.vm_id, conn.vm.user_id)
+
+    def undecided_expired(self) -> list[str]:
+        """Client ids of connections (and probes) still undecided after the first-byte timeout: the caller
+        closes them."""
+        limit = self.clock() - self.first_byte_timeout
+        out = [cid for cid, conn in self.conns.items() if not conn.decided and conn.opened <= limit]
+        out += [cid for cid, opened in self.probes.items() if opened <= limit]
+        return out
 
     def _record(
         self,
@@ -240,26 +322,27 @@ class EgressAddon:
         except Exception:
             log.exception("deciding a connection from %s failed: refused", ctx.client.peername[0])
             nextlayer.layer = _Refuse(ctx)
+        conn = self.conns.get(ctx.client.id)
+        if conn is not None and nextlayer.layer is not None:
+            conn.decided = True
+
+    def _probe(self, nextlayer: layer.NextLayer) -> None:
+        """The supervisor's probe: answered with the process's health line once its request is complete."""
+        data: bytes = nextlayer.data_client()  # type: ignore[no-untyped-call]
+        if data == PROBE_REQUEST:
+            nextlayer.layer = _Reply(nextlayer.context, f"corral-egress {self.health()}\n".encode())
+        elif not PROBE_REQUEST.startswith(data):
+            nextlayer.layer = _Refuse(nextlayer.context)
 
     async def _decide(self, nextlayer: layer.NextLayer) -> None:
         ctx = nextlayer.context
+        if ctx.client.id in self.probes:
+            self._probe(nextlayer)
+            return
         conn = self.conns.get(ctx.client.id)
-        if conn is None:
-            vm = await self.identify(ctx.client.peername[0])
-            if vm is None:
-                log.warning("connection from unknown address %s refused", ctx.client.peername[0])
-                nextlayer.layer = _Refuse(ctx)
-                return
-            if ctx.client.timestamp_end is not None:  # gone while we looked it up: nothing to count
-                nextlayer.layer = _Refuse(ctx)
-                return
-            if self.open_per_vm.get(vm.vm_id, 0) >= self.max_per_vm:
-                log.warning("%s has %d connections open: one more refused", vm.vm_id, self.max_per_vm)
-                nextlayer.layer = _Refuse(ctx)
-                return
-            conn = Conn(vm, "tcp")
-            self.conns[ctx.client.id] = conn
-            self.open_per_vm[vm.vm_id] = self.open_per_vm.get(vm.vm_id, 0) + 1
+        if conn is None:  # refused at accept (or gone): nothing passes
+            nextlayer.layer = _Refuse(ctx)
+            return
         vm = conn.vm
         assert ctx.server.address is not None
         dst, port = str(ctx.server.address[0]), int(ctx.server.address[1])

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import resource
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError, StatementError
 
@@ -21,6 +23,8 @@ from corral.domain.egress_policy import Decision, Forbidden
 from corral.egress.addon import EgressAddon, TopLevelOnly, audit_event
 from corral.egress.auditlog import AuditWriter
 from corral.egress.dns import DnsService, NameMemory, Resolver, Upstream, serve
+from corral.egress.hostns import HostCalls, host_netns_fd
+from corral.egress.limits import Caps, Throttle, held_note
 from corral.egress.state import StateWatcher, VmEntry
 from corral.net import plan as netplan
 from corral.net.plan import NetPlan
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 SYSTEM_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 READY_FILE = "egress.ready"
 PID_FILE = "egress.pid"
+POLICY_STALE = 10.0  # seconds without a successful policy read before the probe answers "stale"
 
 
 class SandboxIndex:
@@ -81,31 +86,52 @@ def upstream_bundle(settings: Settings) -> Path:
     return out
 
 
-def raise_open_files_limit() -> int:
-    """The proxy holds two descriptors per connection of every sandbox: lift the soft limit to the hard one."""
+def caps_of(settings: Settings) -> Caps:
+    return Caps(
+        per_vm=settings.egress_max_conns_per_vm,
+        per_owner=settings.egress_max_conns_per_owner,
+        total=settings.egress_max_conns,
+    )
+
+
+def size_open_files_limit(needed: int) -> int:
+    """The proxy holds two descriptors per connection: make the limit what the connection caps need (the
+    hard limit too, as root), never lower than it was."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    target = max(soft, needed)
+    if hard != resource.RLIM_INFINITY and hard < target:
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            return target
+        target = hard
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def run(settings: Settings, ready_file: Path | None = None) -> None:
     plan = net_plan(settings)
-    log.info("egress: up to %d open files", raise_open_files_limit())
+    caps = caps_of(settings)
+    limit = size_open_files_limit(caps.fd_limit())
+    log.info("egress: up to %d open files (caps: %s)", limit, caps)
+    if limit < caps.fd_limit():
+        log.warning("egress: %d open files allowed, the connection caps need %d", limit, caps.fd_limit())
     if plan is None:
         raise SystemExit("the sandbox network is turned off (CORRAL_NETWORK=off): no egress to run")
     (settings.egress_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+    host = HostCalls(host_netns_fd())  # the store is reached from the host's network namespace
     engine = make_engine(settings.database_url)
     sessions = session_factory(engine)
     cipher = AesGcmCipher(load_or_create_key(settings.secret_key_file))
-    watcher = StateWatcher.from_store(sessions, cipher)
+    watcher = StateWatcher.from_store(sessions, cipher, call=host.call)
 
-    def write(events: Sequence[NewEvent]) -> None:
+    def write_now(events: Sequence[NewEvent]) -> None:
         with sessions() as session:
             audit.record(session, events)
             session.commit()
+
+    def write(events: Sequence[NewEvent]) -> None:
+        host.call(lambda: write_now(events))
 
     def bad_event(exc: Exception) -> bool:
         """The store refused the data (not a connection problem)."""
@@ -121,7 +147,46 @@ def run(settings: Settings, ready_file: Path | None = None) -> None:
     finally:
         writer.stop()
         watcher.stop()
-        engine.dispose()
+        host.call(engine.dispose)
+        host.close()
+
+
+def health_line(watcher: StateWatcher) -> str:
+    """What the proxy answers the supervisor's probe: ``ok`` or ``stale`` (no policy read for a while)."""
+    age = watcher.age()
+    state = "ok" if age <= POLICY_STALE else "stale"
+    return f"{state} policy_age={age:.1f}" if age != float("inf") else f"{state} policy_age=never"
+
+
+_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def quiet_resource_errors(
+    existing: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None,
+    throttle: Throttle,
+) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """An event-loop exception handler that reports running out of descriptors (asyncio's ``accept`` retries
+    after a second, up to a hundred times a round) once per interval, with a count, and no traceback; every
+    other error goes to ``existing`` (mitmproxy's handler) as before."""
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRORS:
+            held = throttle.due(exc.errno)
+            if held is not None:
+                log.error(
+                    "egress: out of resources (%s) in %s; accepting again in a second%s",
+                    errno.errorcode.get(exc.errno or 0, exc.errno),
+                    context.get("message", "the event loop"),
+                    held_note(held),
+                )
+            return
+        if existing is not None:
+            existing(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    return handler
 
 
 async def _serve(
@@ -151,11 +216,15 @@ async def _serve(
         forbidden=forbidden,
         audit=writer.add,
         now=lambda: datetime.now(UTC),
+        caps=caps_of(settings),
+        first_byte_timeout=settings.egress_first_byte_timeout_s,
+        health=lambda: health_line(watcher),
     )
+    server = proxyserver.Proxyserver()  # type: ignore[no-untyped-call]
     master.addons.add(  # type: ignore[no-untyped-call]
         addon,
         core.Core(),
-        proxyserver.Proxyserver(),  # type: ignore[no-untyped-call]
+        server,
         TopLevelOnly(),
         tlsconfig.TlsConfig(),
         disable_h2c.DisableH2C(),
@@ -174,6 +243,9 @@ async def _serve(
         loop.add_signal_handler(sig, master.shutdown)
 
     async def announce() -> None:
+        # mitmproxy installs its handler when it runs: ours goes in front of it
+        await asyncio.sleep(0)
+        loop.set_exception_handler(quiet_resource_errors(loop.get_exception_handler(), Throttle(10.0)))
         for _ in range(200):
             try:
                 _, w = await asyncio.open_connection("127.0.0.1", plan.proxy_port)
@@ -190,10 +262,39 @@ async def _serve(
             await asyncio.sleep(60)
             memory.forget(set(watcher.current.vms))
 
-    tasks = [asyncio.ensure_future(announce()), asyncio.ensure_future(forget_gone_vms())]
+    async def close_undecided() -> None:
+        """Connections that stay silent (or never complete their first bytes) are closed after the
+        first-byte timeout: they hold descriptors every sandbox shares."""
+        every = min(1.0, max(0.1, settings.egress_first_byte_timeout_s / 4))
+        while True:
+            await asyncio.sleep(every)
+            closed = sum(close_client(server, cid) for cid in addon.undecided_expired())
+            if closed:
+                addon.expired += closed
+                log.info(
+                    "egress: %d silent connections closed after %.0f s", closed, addon.first_byte_timeout
+                )
+
+    tasks = [
+        asyncio.ensure_future(announce()),
+        asyncio.ensure_future(forget_gone_vms()),
+        asyncio.ensure_future(close_undecided()),
+    ]
     try:
         await master.run()
     finally:
         for task in tasks:
             task.cancel()
         stop_dns()
+
+
+def close_client(server: Any, client_id: str) -> bool:
+    """Close one client connection of mitmproxy's proxy server (as its inactivity timeout does)."""
+    handler = server.connections.get(client_id)
+    if handler is None:
+        return False
+    io = handler.transports.get(handler.client)
+    if io is None or io.handler is None:
+        return False
+    io.handler.cancel("first-byte timeout")
+    return True

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from corral.domain.egress_policy import ENFORCE, Policy, Rule, effective
 from corral.domain.vm_states import Detail
 from corral.egress.inject import SecretEntry
+from corral.egress.limits import Throttle, held_note
 from corral.security.secretbox import Cipher
 from corral.services.secrets import proxy_value
 from corral.store.tables import EgressPolicy, EgressRule, Secret, Vm
@@ -25,6 +26,7 @@ from corral.store.tables import EgressPolicy, EgressRule, Secret, Vm
 log = logging.getLogger(__name__)
 
 RELOAD_SECONDS = 0.5
+FAILURE_LOG_EVERY = 60.0  # a reload that keeps failing is logged once a minute, with the count
 # VMs whose sandbox may be running (a pool hand-over makes a VM ``queued`` with its sandbox up)
 _LIVE = [d.value for d in (Detail.QUEUED, Detail.CREATING, Detail.STARTING, Detail.RUNNING, Detail.READY)]
 
@@ -84,10 +86,19 @@ def load(session: Session, cipher: Cipher) -> Snapshot:
 class StateWatcher:
     """Keeps ``current`` fresh: a reload every ``interval`` seconds, and ``refresh_soon`` for a miss."""
 
-    def __init__(self, loader: Callable[[], Snapshot], interval: float = RELOAD_SECONDS) -> None:
+    def __init__(
+        self,
+        loader: Callable[[], Snapshot],
+        interval: float = RELOAD_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._loader = loader
         self._interval = interval
+        self._clock = clock
         self.current = Snapshot()
+        self.loaded_at: float | None = None  # when the last successful read began
+        self.failures = 0  # reads failed in a row
+        self._throttle = Throttle(FAILURE_LOG_EVERY, clock)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._loaded = threading.Condition()
@@ -96,13 +107,23 @@ class StateWatcher:
 
     @classmethod
     def from_store(
-        cls, sessions: sessionmaker[Session], cipher: Cipher, interval: float = RELOAD_SECONDS
+        cls,
+        sessions: sessionmaker[Session],
+        cipher: Cipher,
+        interval: float = RELOAD_SECONDS,
+        call: Callable[[Callable[[], Snapshot]], Snapshot] = lambda fn: fn(),
     ) -> StateWatcher:
+        """Read from the store; ``call`` runs each read (in the host's network namespace, see main.py)."""
+
         def loader() -> Snapshot:
             with sessions() as session:
                 return load(session, cipher)
 
-        return cls(loader, interval)
+        return cls(lambda: call(loader), interval)
+
+    def age(self) -> float:
+        """Seconds since the policy in use was read (infinite before the first read succeeded)."""
+        return float("inf") if self.loaded_at is None else self._clock() - self.loaded_at
 
     def start(self) -> None:
         self.reload()
@@ -115,16 +136,30 @@ class StateWatcher:
             self._thread.join(timeout=5)
 
     def reload(self) -> None:
-        started = time.monotonic()
+        started = self._clock()
         try:
             snapshot = self._loader()
-        except Exception:
-            log.exception("reading the egress policy failed; keeping the last one")
+        except Exception as exc:
+            self.failures += 1
+            held = self._throttle.due()
+            if held is not None:  # the first failure with its traceback, then one line a minute
+                log.error(
+                    "reading the egress policy failed (%d in a row: %s); keeping the last one%s",
+                    self.failures,
+                    f"{type(exc).__name__}: {str(exc)[:300]}",
+                    held_note(held),
+                    exc_info=self.failures == 1,
+                )
             return
+        if self.failures:
+            log.info("reading the egress policy works again after %d failures", self.failures)
+            self.failures = 0
+            self._throttle = Throttle(FAILURE_LOG_EVERY, self._clock)
         with self._loaded:
             if started >= self._snapshot_started:
                 self.current = snapshot
                 self._snapshot_started = started
+                self.loaded_at = started
             self._loaded.notify_all()
 
     def refresh_soon(self) -> None:
@@ -133,7 +168,7 @@ class StateWatcher:
     def wait_next(self, timeout: float) -> Snapshot:
         """Ask for a reload and wait (bounded) for a snapshot read after this call: for a sandbox not known
         yet (one read that began earlier may not have seen its VM)."""
-        asked = time.monotonic()
+        asked = self._clock()
         with self._loaded:
             self._wake.set()
             self._loaded.wait_for(lambda: self._snapshot_started >= asked, timeout=timeout)

@@ -1,6 +1,11 @@
 """The egress process as ``corral serve`` runs it: started inside the gateway namespace, restarted if it
 dies, ended (by its PID) when the server stops, and killed by the kernel if the server dies first (so a
-restarted server never finds an old one holding the ports)."""
+restarted server never finds an old one holding the ports).
+
+The watchdog also probes the proxy and the resolver end to end from inside the gateway (its thread enters
+the gateway's network namespace): a process that stops answering (stopped, deadlocked) is killed by its PID
+and started again after ``FAILS_BEFORE_RESTART`` failed rounds; each restart is logged and counted. What the
+probes found is the egress and resolver parts of ``/readyz``."""
 
 from __future__ import annotations
 
@@ -16,11 +21,15 @@ import time
 from pathlib import Path
 
 from corral.config import Settings
+from corral.domain.readiness import Part
+from corral.egress.hostns import HOST_NETNS_FD_ENV
 from corral.egress.main import READY_FILE
+from corral.egress.probe import ProbeResult, probe_proxy, probe_resolver
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+FAILS_BEFORE_RESTART = 3  # probe rounds without an answer before the process is killed and started again
 
 
 def _die_with_parent() -> None:
@@ -40,6 +49,17 @@ class EgressSupervisor:
         self._timeout = 30.0
         self._first = threading.Event()
         self._first_error: RuntimeError | None = None
+        self._parts = {"egress": Part.down("starting"), "resolver": Part.down("starting")}
+        self._silent_rounds = 0
+
+    def parts(self) -> dict[str, Part]:
+        """The egress and resolver parts of readiness, as the last probe found them."""
+        with self._lock:
+            return dict(self._parts)
+
+    def _set_parts(self, egress: Part, resolver: Part) -> None:
+        with self._lock:
+            self._parts = {"egress": egress, "resolver": resolver}
 
     @property
     def ready_file(self) -> Path:
@@ -60,16 +80,22 @@ class EgressSupervisor:
 
     def _spawn(self, timeout: float) -> None:
         self.ready_file.unlink(missing_ok=True)
-        env = {**os.environ, **self._env()}
-        with open(self.log_file, "ab") as out:
-            proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.gateway_ns, sys.executable, "-m", "corral", "egress"],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                env=env,
-                preexec_fn=_die_with_parent,
-            )
+        # the host's network namespace (the server's main thread's), for the egress process's store calls
+        host_ns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        env = {**os.environ, **self._env(), HOST_NETNS_FD_ENV: str(host_ns)}
+        try:
+            with open(self.log_file, "ab") as out:
+                proc = subprocess.Popen(
+                    ["ip", "netns", "exec", self.gateway_ns, sys.executable, "-m", "corral", "egress"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    env=env,
+                    pass_fds=(host_ns,),
+                    preexec_fn=_die_with_parent,
+                )
+        finally:
+            os.close(host_ns)
         with self._lock:
             self.proc = proc
         end = time.monotonic() + timeout
@@ -95,6 +121,10 @@ class EgressSupervisor:
             "CORRAL_EGRESS_DNS_PORT": str(s.egress_dns_port),
             "CORRAL_EGRESS_DENY_CIDRS": " ".join(s.egress_deny_cidrs),
             "CORRAL_EGRESS_READY_FILE": str(self.ready_file),
+            "CORRAL_EGRESS_MAX_CONNS_PER_VM": str(s.egress_max_conns_per_vm),
+            "CORRAL_EGRESS_MAX_CONNS_PER_OWNER": str(s.egress_max_conns_per_owner),
+            "CORRAL_EGRESS_MAX_CONNS": str(s.egress_max_conns),
+            "CORRAL_EGRESS_FIRST_BYTE_TIMEOUT_S": str(s.egress_first_byte_timeout_s),
         }
         if s.upstream_dns:
             env["CORRAL_UPSTREAM_DNS"] = " ".join(s.upstream_dns)
@@ -110,22 +140,51 @@ class EgressSupervisor:
 
     def _watchdog(self) -> None:
         try:
+            _enter_netns(self.gateway_ns)  # this thread only: the probes are made from the gateway
             self._spawn(self._timeout)
-        except RuntimeError as exc:
-            self._first_error = exc
+        except (RuntimeError, OSError) as exc:
+            self._first_error = exc if isinstance(exc, RuntimeError) else RuntimeError(str(exc))
             return
         finally:
             self._first.set()
-        while not self._stop.wait(1.0):
+        self._probe()
+        while not self._stop.wait(self.settings.egress_probe_interval_s):
             with self._lock:
                 proc = self.proc
-            if proc is not None and proc.poll() is not None and not self._stop.is_set():
-                log.error("the egress process exited (%s); starting it again", proc.returncode)
-                self.restarts += 1
-                try:
-                    self._spawn(30.0)
-                except RuntimeError:
-                    log.exception("restarting the egress process failed")
+            if proc is None or self._stop.is_set():
+                continue
+            if proc.poll() is not None:
+                self._restart(f"the egress process exited ({proc.returncode})")
+            elif self._probe() >= FAILS_BEFORE_RESTART:
+                parts = self.parts()
+                why = "; ".join(p.detail or "" for p in parts.values() if p.state == "down")
+                self._restart(f"the egress process (pid {proc.pid}) stopped answering: {why}")
+
+    def _probe(self) -> int:
+        """Probe both parts, record what was found; the number of rounds in a row without an answer."""
+        timeout = self.settings.egress_probe_timeout_s
+        proxy = probe_proxy(self.settings.egress_proxy_port, timeout)
+        resolver = probe_resolver(self.settings.egress_dns_port, timeout)
+        self._set_parts(_part(proxy), _part(resolver))
+        self._silent_rounds = 0 if proxy.answered and resolver.answered else self._silent_rounds + 1
+        return self._silent_rounds
+
+    def _restart(self, why: str) -> None:
+        with self._lock:
+            proc = self.proc
+        self.restarts += 1
+        log.error("%s; killing it and starting it again (restart %d)", why, self.restarts)
+        self._set_parts(Part.down("restarting"), Part.down("restarting"))
+        if proc is not None and proc.poll() is None:
+            proc.kill()  # by its PID; SIGKILL ends a stopped process too
+            proc.wait()
+        self._silent_rounds = 0
+        try:
+            self._spawn(30.0)
+        except RuntimeError:
+            log.exception("restarting the egress process failed")
+            return
+        self._probe()
 
     @staticmethod
     def _end(proc: subprocess.Popen[bytes]) -> None:
@@ -145,3 +204,15 @@ class EgressSupervisor:
             self._end(proc)
         with contextlib.suppress(RuntimeError):
             self._watch.join(timeout=5)
+
+
+def _enter_netns(name: str) -> None:
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.setns(fd, os.CLONE_NEWNET)
+    finally:
+        os.close(fd)
+
+
+def _part(result: ProbeResult) -> Part:
+    return Part.ok() if result.problem is None else Part.down(result.problem)
