@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +97,25 @@ def _seconds(env: dict[str, str], name: str, default: float) -> float:
     return value
 
 
+def _optional(env: dict[str, str], name: str, parse: Callable[[dict[str, str], str, int], int]) -> int | None:
+    """An integer setting with no default (None when unset: the value is worked out at run time)."""
+    return parse(env, name, 0) if (env.get(name) or "").strip() else None
+
+
+def _ratio(env: dict[str, str], name: str, default: float) -> float:
+    """An overcommit ratio: a number from 0.1 to 100."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+    if not 0.1 <= value <= 100:
+        raise SystemExit(f"{name} must be between 0.1 and 100, got {raw!r}")
+    return value
+
+
 def _prices(env: dict[str, str]) -> Prices:
     raw = (env.get("CORRAL_PRICES") or "").strip()
     if not raw:
@@ -135,11 +154,33 @@ class Settings:
     images_dir: Path | None = None  # default: <data_dir>/images
     sandbox_id_base: int = 100000  # host uid/gid of root inside every sandbox (65536 ids from there)
     warm_pool_size: int = 2  # booted sandboxes waiting per default image
-    disk_pool_gib: int = 256  # sparse btrfs file that holds every sandbox disk
+    # node capacity (docs/operations.md "Capacity"): the sparse btrfs file that holds every sandbox disk
+    # (None: the data dir's free space less the reserve) and what is left to the host; the parent memory
+    # cgroup's limit (None: the host's memory less the reserve); the overcommit ratios create is admitted by
+    disk_pool_gib: int | None = None
+    disk_reserve_mib: int | None = None  # None: 5% of the filesystem, at least 1 GiB
+    node_mem_mib: int | None = None
+    mem_reserve_mib: int | None = None  # None: 10% of the host's memory, at least 1 GiB
+    overcommit_vcpus: float = 4.0
+    overcommit_mem: float = 1.0
+    overcommit_disk: float = 1.0
+    # per-account quotas over the account's VMs that are not destroyed (docs/operations.md "Quotas")
+    quota_vms: int = 20
+    quota_vcpus: int = 32
+    quota_mem_mib: int = 65536
+    quota_disk_mib: int = 262144
+    # who may read GET /v1/node: these e-mail addresses; none set: the first user who signed up
+    operator_emails: tuple[str, ...] = ()
     max_vcpus: int = max(1, os.cpu_count() or 1)
     max_mem_mib: int = 8192
     max_disk_mib: int = 65536
     max_concurrent_requests: int = 512  # worker threads for blocking requests (execs, file transfers)
+    # file transfers (docs/operations.md "Limits"): uploads, downloads and listings at once, each per API key and
+    # per VM; seconds an upload's body may send nothing; seconds a file worker may take for one operation
+    max_file_ops_per_key: int = 16
+    max_file_ops_per_vm: int = 8
+    upload_idle_timeout_s: float = 30.0
+    file_op_timeout_s: float = 30.0
     sandbox_init: str | None = None  # pid 1 of sandboxes: corral-init (default) or e.g. /usr/bin/catatonit
     # the sandbox network (docs/operations.md): off = sandboxes get no network at all
     network: bool = True
@@ -196,11 +237,28 @@ class Settings:
             images_dir=Path(env["CORRAL_IMAGES_DIR"]) if env.get("CORRAL_IMAGES_DIR") else None,
             sandbox_id_base=_int(env, "CORRAL_SANDBOX_ID_BASE", 100000),
             warm_pool_size=_int0(env, "CORRAL_WARM_POOL_SIZE", 2),
-            disk_pool_gib=_int(env, "CORRAL_DISK_POOL_GIB", 256),
+            disk_pool_gib=_optional(env, "CORRAL_DISK_POOL_GIB", _int),
+            disk_reserve_mib=_optional(env, "CORRAL_DISK_RESERVE_MIB", _int0),
+            node_mem_mib=_optional(env, "CORRAL_NODE_MEM_MIB", _int),
+            mem_reserve_mib=_optional(env, "CORRAL_MEM_RESERVE_MIB", _int0),
+            overcommit_vcpus=_ratio(env, "CORRAL_OVERCOMMIT_VCPUS", 4.0),
+            overcommit_mem=_ratio(env, "CORRAL_OVERCOMMIT_MEM", 1.0),
+            overcommit_disk=_ratio(env, "CORRAL_OVERCOMMIT_DISK", 1.0),
+            quota_vms=_int(env, "CORRAL_QUOTA_VMS", 20),
+            quota_vcpus=_int(env, "CORRAL_QUOTA_VCPUS", 32),
+            quota_mem_mib=_int(env, "CORRAL_QUOTA_MEM_MIB", 65536),
+            quota_disk_mib=_int(env, "CORRAL_QUOTA_DISK_MIB", 262144),
+            operator_emails=tuple(
+                x.strip().lower() for x in (env.get("CORRAL_OPERATOR_EMAILS") or "").replace(",", " ").split()
+            ),
             max_vcpus=_int(env, "CORRAL_MAX_VCPUS", max(1, os.cpu_count() or 1)),
             max_mem_mib=_int(env, "CORRAL_MAX_MEM_MIB", 8192),
             max_disk_mib=_int(env, "CORRAL_MAX_DISK_MIB", 65536),
             max_concurrent_requests=_int(env, "CORRAL_MAX_CONCURRENT_REQUESTS", 512),
+            max_file_ops_per_key=_int(env, "CORRAL_MAX_FILE_OPS_PER_KEY", 16),
+            max_file_ops_per_vm=_int(env, "CORRAL_MAX_FILE_OPS_PER_VM", 8),
+            upload_idle_timeout_s=_seconds(env, "CORRAL_UPLOAD_IDLE_TIMEOUT_S", 30.0),
+            file_op_timeout_s=_seconds(env, "CORRAL_FILE_OP_TIMEOUT_S", 30.0),
             sandbox_init=env.get("CORRAL_SANDBOX_INIT") or None,
             network=_flag(env, "CORRAL_NETWORK", True),
             gateway_netns=env.get("CORRAL_GATEWAY_NETNS") or "corral-gw",

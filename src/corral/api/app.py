@@ -23,6 +23,7 @@ from corral.api.routers import (
     execs,
     files,
     health,
+    node,
     proxy,
     secrets,
     state,
@@ -34,7 +35,7 @@ from corral.config import Settings, prepare_data_dir
 from corral.domain.clock import Clock, SystemClock
 from corral.domain.ratelimit import Limit, RateLimiter
 from corral.egress.supervisor import EgressSupervisor
-from corral.node.setup import ensure_default_image, make_node
+from corral.node.setup import admit_creates, ensure_default_image, make_node
 from corral.node.snapstore import LocalSnapshotStore
 from corral.runtime.images import Progress
 from corral.security.secretbox import AesGcmCipher, load_or_create_key
@@ -84,6 +85,7 @@ def make_lifecycle(
     )
     saved = StateService(life, LocalSnapshotStore(settings.snapshots_path))
     life.saved_state = saved
+    admit_creates(life, settings)
     life.on_destroy = saved.forget_vm
     result = life.reconcile()
     saved.reconcile()
@@ -186,6 +188,7 @@ def create_app(
         state,
         access,
         proxy,
+        node,
     ):
         app.include_router(module.router)
     app.include_router(vms.images_router)

@@ -466,6 +466,10 @@ class FileEntryOut(Response):
 class FileListOut(Response):
     path: str
     data: list[FileEntryOut]
+    has_more: bool
+    cursor: str | None = Field(
+        description="Pass as `cursor` (with the same `path`) for the next page; null on the last."
+    )
 
 
 class UploadOut(Response):
