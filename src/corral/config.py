@@ -147,6 +147,10 @@ class Settings:
     # proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks); none by default:
     # the client is the socket's peer (rate limits, logs)
     trusted_proxies: tuple[str, ...] = ()
+    # password logins (/activate, password change): more than this many wrong tries for one account within
+    # login_lockout_s lock it for login_lockout_s
+    login_max_failures: int = 5
+    login_lockout_s: int = 900
     max_body_bytes: int = 1024 * 1024
     device_code_ttl_seconds: int = 900
     node: bool = True  # run sandboxes on this host (CORRAL_NODE=off: the API only, VM calls answer 503)
@@ -230,6 +234,8 @@ class Settings:
             anon_rate_limit_per_minute=_int(env, "CORRAL_ANON_RATE_LIMIT_PER_MINUTE", 60),
             anon_rate_limit_burst=_int(env, "CORRAL_ANON_RATE_LIMIT_BURST", 20),
             trusted_proxies=_cidrs(env, "CORRAL_TRUSTED_PROXIES", ()),
+            login_max_failures=_int(env, "CORRAL_LOGIN_MAX_FAILURES", 5),
+            login_lockout_s=_int(env, "CORRAL_LOGIN_LOCKOUT_S", 900),
             max_body_bytes=_int(env, "CORRAL_MAX_BODY_BYTES", 1024 * 1024),
             device_code_ttl_seconds=_int(env, "CORRAL_DEVICE_CODE_TTL", 900),
             node=_flag(env, "CORRAL_NODE", True),

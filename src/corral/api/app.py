@@ -16,6 +16,7 @@ from corral.api.deps import AppState
 from corral.api.limits import RequestGuard
 from corral.api.routers import (
     access,
+    api_keys,
     audit,
     auth,
     egress,
@@ -176,6 +177,7 @@ def create_app(
     for module in (
         health,
         users,
+        api_keys,
         auth,
         env,
         secrets,

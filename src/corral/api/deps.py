@@ -19,7 +19,7 @@ from corral.egress.supervisor import EgressSupervisor
 from corral.services.context import Services
 from corral.services.lifecycle import Lifecycle
 from corral.services.state import StateService
-from corral.services.users import Principal, authenticate
+from corral.services.users import Principal, authenticate, needs_touch, touch
 from corral.ssh.gateway import SshGateway
 
 
@@ -94,6 +94,10 @@ def authenticate_connection(conn: HTTPConnection, st: AppState, *, allow_query: 
         charge(st, st.anon_limiter, client_key(conn))
         raise Unauthorized("Invalid API key")
     charge(st, st.key_limiter, who.key_id)
+    now = st.services.clock.now()
+    if needs_touch(who, now):  # the key's last use, at most once a minute per key
+        with st.sessions() as session, session.begin():
+            touch(session, who.key_id, now)
     return who
 
 

@@ -133,6 +133,30 @@ class SignupResponse(Response):
     user: UserOut
 
 
+class ApiKeyCreateRequest(Request):
+    name: str = Field(min_length=1, max_length=100, description="What the key is for, e.g. `ci`")
+
+
+class ApiKeyInfo(Response):
+    id: str
+    name: str
+    prefix: str | None = Field(
+        description="The token's first characters (`corral_live_AbCd`); null for keys made before Corral kept it"
+    )
+    created_at: Timestamp
+    last_used_at: Timestamp | None = Field(description="The last request made with it, to the minute")
+    current: bool = Field(description="True for the key this request was made with")
+
+
+class PasswordChangeRequest(Request):
+    current_password: SecretStr = Field(min_length=1, max_length=1024)
+    new_password: SecretStr = Field(min_length=8, max_length=1024)
+
+
+class PasswordChangeOut(Response):
+    revoked_keys: int = Field(description="How many of the account's other API keys were revoked")
+
+
 # --- device-code login ------------------------------------------------------------------------------------
 
 

@@ -124,12 +124,15 @@ def version() -> None:
 
 
 from corral.cli import images as _images  # noqa: E402
+from corral.cli import keys as _keys  # noqa: E402
 from corral.cli import vm as _vm  # noqa: E402
 from corral.cli.progress import image_progress  # noqa: E402
 
 app.add_typer(_images.app, name="image")
 app.add_typer(_images.node_app, name="node")
 app.add_typer(_vm.app, name="vm")
+app.add_typer(_keys.app, name="key")
+app.command("password")(_keys.password)
 
 
 def main() -> None:

@@ -346,6 +346,14 @@ class AsyncAudit(AsyncNamespace):
 class AsyncUsers(AsyncNamespace):
     create = _bind(account.create_user)
     me = _bind(account.me)
+    change_password = _bind(account.change_password)
+
+
+class AsyncApiKeys(AsyncNamespace):
+    list = _bind(account.list_api_keys)
+    iter = _bind_iter(account.list_api_keys)
+    create = _bind(account.create_api_key)
+    revoke = _bind(account.revoke_api_key)
 
 
 class AsyncDeviceLogin(AsyncNamespace):
@@ -392,6 +400,7 @@ class AsyncClient:
         self.egress = AsyncEgress(runner)
         self.audit = AsyncAudit(runner)
         self.users = AsyncUsers(runner)
+        self.api_keys = AsyncApiKeys(runner)
         self.device_login = AsyncDeviceLogin(runner)
         self.images = AsyncImages(runner)
         self.usage = AsyncUsage(runner)

@@ -46,6 +46,21 @@ class Signup(Model):
     user: User
 
 
+class ApiKeyInfo(Model):
+    """A key of the account as listed: never its token."""
+
+    id: str
+    name: str
+    prefix: str | None  # the token's first characters, corral_live_AbCd
+    created_at: datetime
+    last_used_at: datetime | None  # to the minute
+    current: bool  # the key this client uses
+
+
+class PasswordChange(Model):
+    revoked_keys: int  # the account's other keys, revoked by the change
+
+
 class DeviceCode(Model):
     code: str
     verification_uri: str

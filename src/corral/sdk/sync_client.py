@@ -339,6 +339,14 @@ class Audit(Namespace):
 class Users(Namespace):
     create = _bind(account.create_user)
     me = _bind(account.me)
+    change_password = _bind(account.change_password)
+
+
+class ApiKeys(Namespace):
+    list = _bind(account.list_api_keys)
+    iter = _bind_iter(account.list_api_keys)
+    create = _bind(account.create_api_key)
+    revoke = _bind(account.revoke_api_key)
 
 
 class DeviceLogin(Namespace):
@@ -386,6 +394,7 @@ class Client:
         self.egress = Egress(runner)
         self.audit = Audit(runner)
         self.users = Users(runner)
+        self.api_keys = ApiKeys(runner)
         self.device_login = DeviceLogin(runner)
         self.images = Images(runner)
         self.usage = Usage(runner)

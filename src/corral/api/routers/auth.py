@@ -10,6 +10,7 @@ from fastapi.responses import HTMLResponse
 from corral.api import pages
 from corral.api.deps import AnonLimit, PrincipalDep, SessionDep, StateDep, charge
 from corral.api.routers.common import AUTHED, errors
+from corral.api.routers.users import lockout_policy
 from corral.api.schemas import (
     DataEnvelope,
     DeviceApproveOut,
@@ -19,7 +20,8 @@ from corral.api.schemas import (
 )
 from corral.domain import validation
 from corral.domain.errors import CorralError
-from corral.services import device, users
+from corral.services import device, lockout, users
+from corral.store.db import transaction
 
 router = APIRouter(tags=["auth"])
 
@@ -96,9 +98,19 @@ def activate_submit(
 ) -> HTMLResponse:
     if not all(validation.is_storable(field) for field in (code, email, password)):
         return _html(pages.activate(code="", error="The form holds characters that are not allowed."), 400)
+    # counted (and committed) before the password is checked, and before this request's own transaction
+    # starts; the same answer whether or not an account has this email, and no password is checked then
+    with transaction(st.sessions) as counting:
+        wait = lockout.attempt(counting, st.services.clock.now(), email, lockout_policy(st))
+    if wait:
+        page = pages.activate(
+            code=code, error=f"Too many wrong passwords for this email; try again in {wait} s."
+        )
+        return _html(page, 429, {"Retry-After": str(wait)})
     user = users.check_password(session, email, password)
     if user is None:
         return _html(pages.activate(code=code, error="Wrong email or password."), 401)
+    lockout.succeeded(session, email)
     try:
         row = device.approve(session, st.services.clock, code, user.id)
     except CorralError as exc:
@@ -106,5 +118,5 @@ def activate_submit(
     return _html(pages.approved(row.code))
 
 
-def _html(body: str, status: int = 200) -> HTMLResponse:
-    return HTMLResponse(body, status_code=status, headers=pages.SECURITY_HEADERS)
+def _html(body: str, status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
+    return HTMLResponse(body, status_code=status, headers={**pages.SECURITY_HEADERS, **(headers or {})})

@@ -8,6 +8,8 @@ from datetime import datetime
 
 from corral.sdk.call import UNSET, Call, Route, Unset, body, data, model, nothing, page, params
 from corral.sdk.models import (
+    ApiKey,
+    ApiKeyInfo,
     DeviceApproval,
     DeviceCode,
     DevicePoll,
@@ -18,6 +20,7 @@ from corral.sdk.models import (
     Health,
     Image,
     Page,
+    PasswordChange,
     Secret,
     Signup,
     Usage,
@@ -73,6 +76,35 @@ def device_poll(code: str) -> Call[DevicePoll]:
 def device_approve(code: str) -> Call[DeviceApproval]:
     """Approve a device code as this key's user: the device's next poll gets a new key."""
     return Call(DEVICE_APPROVE, data(DeviceApproval), json=body(code=code))
+
+
+# ---- API keys and the password -------------------------------------------------------------------------
+
+LIST_API_KEYS = Route("GET", "/v1/api-keys")
+CREATE_API_KEY = Route("POST", "/v1/api-keys")
+REVOKE_API_KEY = Route("DELETE", "/v1/api-keys/{key_id}")
+CHANGE_PASSWORD = Route("POST", "/v1/users/me/password")
+
+
+def list_api_keys(*, limit: int | None = None, cursor: str | None = None) -> Call[Page[ApiKeyInfo]]:
+    """The account's keys that are not revoked, newest first, with their last use (never their tokens)."""
+    return Call(LIST_API_KEYS, page(ApiKeyInfo), params=params(limit=limit, cursor=cursor))
+
+
+def create_api_key(name: str) -> Call[ApiKey]:
+    """A new key for the account; its ``token`` is shown once."""
+    return Call(CREATE_API_KEY, model(ApiKey), json=body(name=name))
+
+
+def revoke_api_key(key_id: str) -> Call[None]:
+    """Revoke a key at once: the next request with it answers 401 (this client's own key too)."""
+    return Call(REVOKE_API_KEY, nothing, path_values={"key_id": key_id})
+
+
+def change_password(*, current_password: str, new_password: str) -> Call[PasswordChange]:
+    """Change the account's password; every other key of the account is revoked (this client's stays)."""
+    json = body(current_password=current_password, new_password=new_password)
+    return Call(CHANGE_PASSWORD, model(PasswordChange), json=json)
 
 
 # ---- environment variables -----------------------------------------------------------------------------
