@@ -179,6 +179,17 @@ class Settings:
     max_mem_mib: int = 8192
     max_disk_mib: int = 65536
     max_concurrent_requests: int = 512  # worker threads for blocking requests (execs, file transfers)
+    # bulkheads (docs/operations.md "Limits"): commands running at once (exec and exec/stream) per API key, per
+    # VM and on the server; interactive sessions (terminals, shells, SSH sessions) per key (per account for
+    # SSH) and per VM; SSH connections not yet logged in, per source address and in total
+    max_execs_per_key: int = 32
+    max_execs_per_vm: int = 16
+    max_execs: int = 1024
+    max_sessions_per_key: int = 32
+    max_sessions_per_vm: int = 16
+    ssh_preauth_per_source: int = 32
+    ssh_preauth_max: int = 512
+    ssh_login_timeout_s: float = 30.0
     # file transfers (docs/operations.md "Limits"): uploads, downloads and listings at once, each per API key and
     # per VM; seconds an upload's body may send nothing; seconds a file worker may take for one operation
     max_file_ops_per_key: int = 16
@@ -261,6 +272,14 @@ class Settings:
             max_mem_mib=_int(env, "CORRAL_MAX_MEM_MIB", 8192),
             max_disk_mib=_int(env, "CORRAL_MAX_DISK_MIB", 65536),
             max_concurrent_requests=_int(env, "CORRAL_MAX_CONCURRENT_REQUESTS", 512),
+            max_execs_per_key=_int(env, "CORRAL_MAX_EXECS_PER_KEY", 32),
+            max_execs_per_vm=_int(env, "CORRAL_MAX_EXECS_PER_VM", 16),
+            max_execs=_int(env, "CORRAL_MAX_EXECS", 1024),
+            max_sessions_per_key=_int(env, "CORRAL_MAX_SESSIONS_PER_KEY", 32),
+            max_sessions_per_vm=_int(env, "CORRAL_MAX_SESSIONS_PER_VM", 16),
+            ssh_preauth_per_source=_int(env, "CORRAL_SSH_PREAUTH_PER_SOURCE", 32),
+            ssh_preauth_max=_int(env, "CORRAL_SSH_PREAUTH_MAX", 512),
+            ssh_login_timeout_s=_seconds(env, "CORRAL_SSH_LOGIN_TIMEOUT_S", 30.0),
             max_file_ops_per_key=_int(env, "CORRAL_MAX_FILE_OPS_PER_KEY", 16),
             max_file_ops_per_vm=_int(env, "CORRAL_MAX_FILE_OPS_PER_VM", 8),
             upload_idle_timeout_s=_seconds(env, "CORRAL_UPLOAD_IDLE_TIMEOUT_S", 30.0),

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from corral import __version__
 from corral.api import docs, errors, openapi
+from corral.api.bulkheads import Bulkheads, ssh_limits
 from corral.api.deps import AppState
 from corral.api.limits import RequestGuard
 from corral.api.routers import (
@@ -36,6 +37,7 @@ from corral.config import Settings, prepare_data_dir
 from corral.domain.clock import Clock, SystemClock
 from corral.domain.ratelimit import Limit, RateLimiter
 from corral.egress.supervisor import EgressSupervisor
+from corral.node import executors
 from corral.node.setup import admit_creates, ensure_default_image, make_node
 from corral.node.snapstore import LocalSnapshotStore
 from corral.runtime.images import Progress
@@ -132,6 +134,7 @@ def create_app(
                 Access(life, reads).ssh_backend(),
                 load_or_create_host_key(settings.data_dir),
                 sftp=SandboxSFTP,
+                limits=ssh_limits(app.state.corral.bulkheads, settings),
             )
             await gateway.start(settings.ssh_listen, settings.ssh_port)
             app.state.corral.ssh = gateway
@@ -157,6 +160,8 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
+    if not executors.in_use(executors.EXEC_RUNTIME):  # every exec the caps let in has its thread
+        executors.configure(executors.EXEC_RUNTIME, settings.max_execs)
     app.state.corral = AppState(
         settings=settings,
         engine=engine,
@@ -171,6 +176,7 @@ def create_app(
         lifecycle=life,
         reads=reads,
         saved_state=saved,
+        bulkheads=Bulkheads.from_settings(settings),
     )
     errors.install(app)
     docs.install(app)

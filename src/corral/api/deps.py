@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import HTTPConnection
 
+from corral.api.bulkheads import Bulkheads
 from corral.config import Settings
 from corral.domain.errors import RateLimited, Unauthorized
 from corral.domain.ratelimit import RateLimiter
@@ -35,6 +36,7 @@ class AppState:
     reads: sessionmaker[Session] | None = None  # read-only sessions (no write lock on SQLite)
     saved_state: StateService | None = None  # snapshots, hibernate, fork, checkpoints
     ssh: SshGateway | None = None  # the SSH gateway, while it listens
+    bulkheads: Bulkheads | None = None  # caps on concurrent execs and sessions (api/bulkheads.py)
     egress: EgressSupervisor | None = None  # the egress process's supervisor (probes for /readyz)
 
 

@@ -68,7 +68,13 @@ class Bulkhead:
         full = self.try_acquire(scopes)
         if full is not None:
             cap = self.caps.per[full[0]]
-            where = {"key": "this API key", "vm": "this VM", "user": "this account", "all": "the server"}
+            where = {
+                "key": "this API key",
+                "vm": "this VM",
+                "user": "this account",
+                "all": "the server",
+                "source": "this address",
+            }
             raise TooManyConcurrent(
                 f"{where.get(full[0], full[0])} already has {cap} {self.name} operations running; "
                 f"retry when one ends",

@@ -9,6 +9,7 @@ import selectors
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -145,8 +146,10 @@ def run_streaming(
     cwd: str | None = None,
     user: str | None = None,
     timeout: float = 60.0,
+    stop: threading.Event | None = None,
 ) -> Iterator[Event]:
-    """Run ``args`` in sandbox ``cid``; yield output chunks as they arrive, then one Exit."""
+    """Run ``args`` in sandbox ``cid``; yield output chunks as they arrive, then one Exit. ``stop`` set (the
+    reader went away while this waits in another thread) ends the command within a second."""
     start = time.monotonic()
     tmp = tempfile.mkdtemp(prefix="corral-exec-")  # private (0700): the runtime writes the pid file here
     pid_file = Path(tmp) / "pid"
@@ -167,6 +170,8 @@ def run_streaming(
         deadline = start + timeout
         try:
             while open_fds:
+                if stop is not None and stop.is_set():
+                    return  # the command's tree is killed below
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 and not timed_out:
                     timed_out = True

@@ -18,7 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral.node.agent.client import connect, encode_request, exit_code, parse_user
+from corral.node import executors
+from corral.node.agent.client import connect_async, encode_request, exit_code, parse_user, send_request
 from corral.node.files import SandboxFiles
 from corral.runtime.syscalls import file_identity, openat2
 
@@ -179,7 +180,7 @@ class Session:
             await self._control
         self._conn.close()  # before the end: corral-init kills the command's session
         if running and self._kill_session is not None and self.pid is not None:
-            await asyncio.to_thread(self._kill_session, self.pid)
+            await executors.run(executors.SESSIONS, self._kill_session, self.pid)
         for stream in ("stdout", "stderr"):
             self._close_fd(stream)
         if self._stdin is not None and not self.pty:
@@ -227,12 +228,12 @@ async def start(
     if pty is not None:
         full["TERM"] = pty.term or "xterm"
     request = encode_request(args, full, cwd, uid, gid)
-    conn = connect(sock_path, request)
+    conn = await connect_async(sock_path, request)
     ours: list[int] = []  # our ends, closed on failure
     theirs: list[int] = []  # the command's ends, always closed here once sent
     try:
         if pty is not None:
-            master, slave = await asyncio.to_thread(open_pty, files, uid, gid)
+            master, slave = await executors.run(executors.SESSIONS, open_pty, files, uid, gid)
             ours.append(master)
             theirs.append(slave)
             fcntl.ioctl(master, termios.TIOCSWINSZ, winsize(pty.cols, pty.rows))
@@ -246,7 +247,7 @@ async def start(
             theirs += [in_r, out_w, err_w]
             send = [in_r, out_w, err_w]
             stdin, stdout, stderr = in_w, out_r, err_r
-        socket.send_fds(conn, [request], send)
+        await send_request(conn, request, send)
     except BaseException:
         conn.close()
         for fd in ours:

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +27,8 @@ from corral.net import plan as netplan
 from corral.net.gateway import Gateway, NetworkError
 from corral.net.plan import NetPlan
 from corral.node import agent as agent_binary
-from corral.node import interactive
-from corral.node.agent.client import run_via_agent
+from corral.node import executors, interactive
+from corral.node.agent.client import run_via_agent, run_via_agent_async
 from corral.node.execution import Event, run_streaming
 from corral.node.files import FileError, SandboxFiles
 from corral.node.interactive import Pty, Session
@@ -410,6 +410,45 @@ class LocalNode:
                 kill_session=lambda inner: self.kill_inner_session(cid, inner),
             )
         return run_streaming(self, cid, args, env=full, cwd=cwd, user=user, timeout=timeout)
+
+    async def run_async(
+        self,
+        cid: str,
+        args: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float = 60.0,  # noqa: ASYNC109  # the command's, not this call's
+    ) -> AsyncIterator[Event]:
+        """:meth:`run`, awaited: through corral-init over an asyncio connection (no thread waits while the
+        command runs); without corral-init, the runtime's exec read on the bounded ``EXEC_RUNTIME`` pool.
+        Closing the iterator before the end kills the command's session."""
+        full = {**self.base_env(), **(env or {})}
+        sock = await executors.run(executors.SESSIONS, self.agent_socket, cid)
+        events: AsyncIterator[Event]
+        if sock is not None:
+            events = run_via_agent_async(
+                sock,
+                args,
+                env=full,
+                cwd=cwd or "/",
+                user=user,
+                timeout=timeout,
+                kill_session=lambda inner: self.kill_inner_session(cid, inner),
+                background=lambda kill, inner: executors.submit(executors.SESSIONS, kill, inner),
+            )
+        else:
+            stop = threading.Event()
+            blocking = run_streaming(
+                self, cid, args, env=full, cwd=cwd, user=user, timeout=timeout, stop=stop
+            )
+            events = executors.iterate(executors.EXEC_RUNTIME, blocking, on_close=stop.set)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
 
     async def open_session(
         self,

@@ -15,16 +15,20 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import asyncssh
 from asyncssh.forward import SSHForwarder
 
+from corral.domain.bulkhead import Bulkhead, Caps, Scope
 from corral.domain.errors import CorralError
 from corral.domain.vm_states import Detail
+from corral.node import executors
 from corral.node.files import SandboxFiles
 from corral.node.guestnet import GuestUnreachable, guest_socket
 from corral.node.interactive import Pty, Session
@@ -36,6 +40,7 @@ HOST_KEY = "ssh_host_ed25519_key"
 SHELL = "if [ -x /bin/bash ]; then exec /bin/bash -l; else exec /bin/sh -l; fi"  # a login shell
 PASSED_ENV = ("LANG", "LANGUAGE", "COLORTERM")  # what a client may set (sshd's usual AcceptEnv), with LC_*
 DRAIN_S = 1.0  # after the command's exit, how long output left in the pipes may take to arrive
+DEFAULT_EXECUTOR_THREADS = 8  # the gateway loop's default executor (asyncssh's own use, SFTP's file I/O)
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,19 @@ class Backend:
         self.files = files
 
 
+@dataclass(frozen=True)
+class SshLimits:
+    """Bulkheads of the gateway: connections not logged in yet (per source address and in total: beyond
+    them a new connection is closed at once), sessions (shells, commands) per account and per VM; and how
+    long a connection may take to log in."""
+
+    preauth: Bulkhead = field(default_factory=lambda: Bulkhead("SSH login", Caps({"source": 32, "all": 512})))
+    sessions: Bulkhead = field(
+        default_factory=lambda: Bulkhead("interactive session", Caps({"user": 32, "vm": 16}))
+    )
+    login_timeout: float = 30.0
+
+
 def load_or_create_host_key(data_dir: Path) -> asyncssh.SSHKey:
     path = data_dir / HOST_KEY
     if path.exists():
@@ -90,8 +108,10 @@ def client_env(requested: dict[str, str]) -> dict[str, str]:
 
 
 class _Server(asyncssh.SSHServer):
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, limits: SshLimits) -> None:
         self.backend = backend
+        self.limits = limits
+        self._preauth: list[Scope] | None = None  # the pre-authentication slots this connection holds
         self.conn: asyncssh.SSHServerConnection | None = None
         self.owner: tuple[str, str] | None = None  # (user id, public key) of the VM named as the user name
         self.vm_id = ""
@@ -100,10 +120,30 @@ class _Server(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        peer = conn.get_extra_info("peername")
+        scopes: list[Scope] = [("source", str(peer[0]) if peer else "unknown"), ("all", "")]
+        full = self.limits.preauth.try_acquire(scopes)
+        if full is not None:
+            log.warning(
+                "ssh: refused a connection from %s: %s connections not logged in yet",
+                scopes[0][1],
+                "too many" if full[0] == "source" else "the gateway has too many",
+            )
+            asyncio.get_running_loop().call_soon(conn.abort)  # after asyncssh's own set-up returns
+            return
+        self._preauth = scopes
+
+    def _end_preauth(self) -> None:
+        if self._preauth is not None:
+            self.limits.preauth.release(self._preauth)
+            self._preauth = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end_preauth()
 
     async def begin_auth(self, username: str) -> bool:
         self.vm_id = username
-        self.owner = await asyncio.to_thread(self.backend.find_key, username)
+        self.owner = await executors.run(executors.SSH_AUTH, self.backend.find_key, username)
         return True
 
     def password_auth_supported(self) -> bool:
@@ -118,10 +158,13 @@ class _Server(asyncssh.SSHServer):
         # the VM as it is now, for auth_completed (which asyncssh does not await on a server) to act on; once
         # per connection (the client offers the key, then signs with it)
         if self.found is None:
-            self.found = await asyncio.to_thread(self.backend.target, self.owner[0], self.vm_id)
+            self.found = await executors.run(
+                executors.SSH_AUTH, self.backend.target, self.owner[0], self.vm_id
+            )
         return True
 
     def auth_completed(self) -> None:
+        self._end_preauth()
         if isinstance(self.found, str):
             assert self.conn is not None
             self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, self.found)
@@ -138,7 +181,7 @@ class _Server(asyncssh.SSHServer):
 
     async def _forward(self, target: Target, port: int) -> SSHForwarder:
         try:
-            sock = await asyncio.to_thread(self._guest_socket, target, port)
+            sock = await executors.run(executors.SESSIONS, self._guest_socket, target, port)
         except (GuestUnreachable, CorralError) as exc:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
         loop = asyncio.get_running_loop()
@@ -204,10 +247,30 @@ async def _run_process(process: asyncssh.SSHServerProcess[bytes], backend: Backe
     cols, rows, _, _ = process.term_size
     pty = Pty(cols or 80, rows or 24, term) if term else None
     argv = ["/bin/sh", "-c", process.command] if process.command is not None else ["/bin/sh", "-c", SHELL]
+    scopes: list[Scope] = [("user", server.target.user_id), ("vm", server.target.vm_id)]
+    full = server.limits.sessions.try_acquire(scopes)
+    if full is not None:
+        where = "your account" if full[0] == "user" else "this VM"
+        process.stderr.write(f"corral: {where} has too many sessions open; retry when one ends\r\n".encode())
+        process.exit(255)
+        return
     try:
-        session = await backend.start(server.target, argv, client_env(dict(process.env)), pty)
+        await _run_session(process, backend, server.target, argv, pty)
+    finally:
+        server.limits.sessions.release(scopes)
+
+
+async def _run_session(
+    process: asyncssh.SSHServerProcess[bytes],
+    backend: Backend,
+    target: Target,
+    argv: list[str],
+    pty: Pty | None,
+) -> None:
+    try:
+        session = await backend.start(target, argv, client_env(dict(process.env)), pty)
     except Exception as exc:  # the sandbox stopped meanwhile, or its command server is gone
-        log.info("ssh session for %s failed to start: %s", server.target.vm_id, exc)
+        log.info("ssh session for %s failed to start: %s", target.vm_id, exc)
         process.stderr.write(f"corral: cannot start a session: {exc}\r\n".encode())
         process.exit(255)
         return
@@ -230,7 +293,7 @@ async def _run_process(process: asyncssh.SSHServerProcess[bytes], backend: Backe
         else:
             process.exit(code)
     except (asyncssh.Error, OSError, RuntimeError) as exc:
-        log.info("ssh session for %s ended: %s", server.target.vm_id, exc)
+        log.info("ssh session for %s ended: %s", target.vm_id, exc)
         process.exit(255)
     finally:
         for waiting in (exited, gone):
@@ -249,11 +312,14 @@ class SshGateway:
             [asyncssh.SSHServerChannel[bytes], SandboxFiles, Callable[[], None]], asyncssh.SFTPServer
         ]
         | None,
+        limits: SshLimits | None = None,
     ) -> None:
         self.backend = backend
         self.host_key = host_key
         self.sftp = sftp
+        self.limits = limits or SshLimits()
         self._server: asyncssh.SSHAcceptor | None = None
+        self._loop: _LoopThread | None = None
 
     @property
     def public_key(self) -> str:
@@ -266,6 +332,14 @@ class SshGateway:
         return int(self._server.get_port())
 
     async def start(self, host: str, port: int) -> None:
+        """Listen, on an event loop of the gateway's own (in a thread, with its own bounded default executor):
+        nothing the API's loop or its executor waits on (a stalled upload, a slow request) delays a login, and
+        asyncssh's own use of the default executor (at each login) stays within the gateway's."""
+        self._loop = _LoopThread("corral-ssh", DEFAULT_EXECUTOR_THREADS)
+        await self._loop.call(self._listen(host, port))
+        log.info("SSH gateway listening on %s:%d", host, self.port)
+
+    async def _listen(self, host: str, port: int) -> None:
         def sftp_factory(chan: asyncssh.SSHServerChannel[bytes]) -> asyncssh.SFTPServer:
             server = chan.get_connection().get_owner()
             assert isinstance(server, _Server)
@@ -277,7 +351,7 @@ class SshGateway:
         self._server = await asyncssh.listen(
             host,
             port,
-            server_factory=lambda: _Server(self.backend),
+            server_factory=lambda: _Server(self.backend, self.limits),
             server_host_keys=[self.host_key],
             process_factory=lambda process: run_process(process, self.backend),
             sftp_factory=sftp_factory if self.sftp is not None else None,
@@ -287,16 +361,54 @@ class SshGateway:
             x11_forwarding=False,
             line_editor=False,
             keepalive_interval=30,
-            login_timeout=30,
+            login_timeout=self.limits.login_timeout,
         )
-        log.info("SSH gateway listening on %s:%d", host, self.port)
 
     async def close(self) -> None:
+        if self._loop is not None:
+            await self._loop.call(self._shutdown())
+            await self._loop.stop()
+            self._loop = None
+
+    async def _shutdown(self) -> None:
+        """Stop listening, then end every connection and session still open (their commands are killed)."""
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+
+class _LoopThread:
+    """An asyncio event loop running in a thread of its own, its default executor bounded to ``workers``."""
+
+    def __init__(self, name: str, workers: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_default_executor(ThreadPoolExecutor(workers, thread_name_prefix=f"{name}-default"))
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
+        finally:
+            self.loop.close()
+
+    async def call[T](self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on this loop and await its result from another loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    async def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        await asyncio.get_running_loop().run_in_executor(None, self.thread.join, 15)
 
 
 def unusable(detail: Detail) -> str:

@@ -11,12 +11,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request, WebSocket, WebSocketDisconnect
 from starlette.concurrency import run_in_threadpool
 
-from corral.api.deps import PrincipalDep, StateDep, authenticate_connection, connection_state
+from corral.api.bulkheads import Bulkheads, session_scopes
+from corral.api.deps import AppState, PrincipalDep, StateDep, authenticate_connection, connection_state
 from corral.api.errors import error_response
 from corral.api.routers.common import AUTHED, errors
 from corral.api.routers.vms import lifecycle_of
 from corral.api.schemas import SshOut
-from corral.domain.errors import Conflict, CorralError, ValidationFailed
+from corral.domain.bulkhead import Bulkhead, Scope
+from corral.domain.errors import Conflict, CorralError, RateLimited, ValidationFailed
 from corral.node.interactive import Pty, Session
 from corral.services import vms as vms_service
 from corral.services.access import Access
@@ -63,25 +65,57 @@ def ssh_info(vm_id: VmId, who: PrincipalDep, st: StateDep, request: Request) -> 
 # ---- WebSockets ---------------------------------------------------------------------------------------------
 
 
-async def _open(websocket: WebSocket, vm_id: str) -> tuple[Access, Target] | None:
-    """Authenticate (header or ?token=) and find the caller's running VM, answering an HTTP error in the
-    envelope (before the WebSocket is accepted) when that fails."""
+class _Opened:
+    """A caller's running VM and the session slot taken for it (given back by ``release``, once)."""
+
+    def __init__(self, access: Access, target: Target, sessions: Bulkhead, scopes: list[Scope]) -> None:
+        self.access, self.target = access, target
+        self._sessions: Bulkhead | None = sessions
+        self._scopes = scopes
+
+    def release(self) -> None:
+        if self._sessions is not None:
+            self._sessions.release(self._scopes)
+            self._sessions = None
+
+
+def _bulkheads(st: AppState) -> Bulkheads:
+    if st.bulkheads is None:
+        st.bulkheads = Bulkheads.from_settings(st.settings)
+    return st.bulkheads
+
+
+async def _open(websocket: WebSocket, vm_id: str) -> _Opened | None:
+    """Authenticate (header or ?token=), take a session slot (per key, per VM: 429 ``too_many_concurrent``
+    beyond them) and find the caller's running VM, answering an HTTP error in the envelope (before the
+    WebSocket is accepted) when that fails. The caller releases the slot when the session ends."""
     st = connection_state(websocket)
     try:
         who = await run_in_threadpool(authenticate_connection, websocket, st, allow_query=True)
         if st.lifecycle is None:
             raise NodeUnavailable("This server runs no sandboxes (CORRAL_NODE=off)")
         access = Access(st.lifecycle, st.reads or st.sessions)
-        target = await run_in_threadpool(access.target, who.user_id, vm_id)
+        sessions, scopes = _bulkheads(st).sessions, session_scopes(who.key_id, vm_id)
+        sessions.acquire(scopes)
     except CorralError as exc:
         await _deny(websocket, exc)
         return None
-    return access, target
+    opened = _Opened(access, Target(vm_id, who.user_id, ""), sessions, scopes)
+    try:
+        opened.target = await run_in_threadpool(access.target, who.user_id, vm_id)
+    except BaseException as exc:
+        opened.release()
+        if isinstance(exc, CorralError):
+            await _deny(websocket, exc)
+            return None
+        raise
+    return opened
 
 
 async def _deny(websocket: WebSocket, exc: CorralError) -> None:
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
     try:
-        await websocket.send_denial_response(error_response(exc.status, exc.code, exc.message))
+        await websocket.send_denial_response(error_response(exc.status, exc.code, exc.message, headers))
     except RuntimeError:  # the server cannot answer HTTP on a WebSocket request: close with 4000 + status
         await websocket.close(code=4000 + exc.status, reason=exc.message[:120])
 
@@ -131,7 +165,13 @@ async def terminal(websocket: WebSocket, vm_id: str) -> None:
     opened = await _open(websocket, vm_id)
     if opened is None:
         return
-    access, target = opened
+    try:
+        await _terminal(websocket, opened.access, opened.target, cols, rows)
+    finally:
+        opened.release()
+
+
+async def _terminal(websocket: WebSocket, access: Access, target: Target, cols: int, rows: int) -> None:
     try:
         session = await access.start(target, ["/bin/sh", "-c", SHELL], {}, Pty(cols, rows, "xterm-256color"))
     except Exception as exc:
@@ -199,7 +239,13 @@ async def shell(websocket: WebSocket, vm_id: str) -> None:
     opened = await _open(websocket, vm_id)
     if opened is None:
         return
-    access, target = opened
+    try:
+        await _shell(websocket, opened.access, opened.target)
+    finally:
+        opened.release()
+
+
+async def _shell(websocket: WebSocket, access: Access, target: Target) -> None:
     bash = BashSession(lambda: access.start(target, BASH, {}, None))
     try:
         await bash.open()
