@@ -223,6 +223,7 @@ def _spawn(tmp: Path, data_dir: Path, db_url: str, env_overrides: dict[str, str]
         "CORRAL_ANON_RATE_LIMIT_PER_MINUTE": "1000000",
         "CORRAL_ANON_RATE_LIMIT_BURST": "100000",
         "CORRAL_SSH_PORT": "0",  # the SSH gateway on any free port (GET /v1/vms/{id}/ssh says which)
+        "CORRAL_PROXY_PORT": "0",  # the guest proxy origin on any free port (proxy tickets' URLs say which)
         **env_overrides,
     }
     log = tmp / f"server-{port}.log"

@@ -229,6 +229,12 @@ class Settings:
     ssh_listen: str = "127.0.0.1"
     ssh_port: int = 2222
     ssh_public_host: str | None = None
+    # the guest proxy's own origin (docs/api.md "Guest ports in a browser"): `corral serve` listens on
+    # proxy_port (0: any free port) beside the API; a VM's port is http://<port>-<vm id>.<proxy_domain>:<port>
+    proxy_domain: str = "localhost"
+    proxy_port: int = 8001
+    proxy_scheme: str = "http"  # what browsers use (https behind a TLS terminator)
+    proxy_public_port: int | None = None  # the port browsers use, when not proxy_port (e.g. 443)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -311,6 +317,10 @@ class Settings:
             ssh_listen=env.get("CORRAL_SSH_LISTEN") or "127.0.0.1",
             ssh_port=_port(env, "CORRAL_SSH_PORT", 2222),
             ssh_public_host=env.get("CORRAL_SSH_HOST") or None,
+            proxy_domain=(env.get("CORRAL_PROXY_DOMAIN") or "localhost").strip(".").lower(),
+            proxy_port=_port(env, "CORRAL_PROXY_PORT", 8001),
+            proxy_scheme=_choice(env, "CORRAL_PROXY_SCHEME", ("http", "https"), "http"),
+            proxy_public_port=_port(env, "CORRAL_PROXY_PUBLIC_PORT", 0) or None,
         )
 
     @property

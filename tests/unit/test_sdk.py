@@ -512,9 +512,12 @@ def test_config_from_arguments_environment_or_the_cli_login(
         assert (c.config.base_url, c.config.api_key) == ("http://arg.test", "ck_arg")
         assert "ck_arg" not in repr(c.config)
         assert c.vms.proxy_url("vm_1", 3000, "/x?y=1") == "http://arg.test/v1/vms/vm_1/proxy/3000/x?y=1"
-        assert (
-            c.vms.proxy_url("vm_1", 3000, token=True)
-            == "http://arg.test/v1/vms/vm_1/proxy/3000/?token=ck_arg"
+        assert "ck_arg" not in c.vms.proxy_url("vm_1", 3000, websocket=True)  # the key is never in a URL
+        call = vms.proxy_ticket("vm_1", 3000, "/app?x=1")
+        assert (call.route.method, call.path, call.json) == (
+            "POST",
+            "/v1/vms/vm_1/proxy-ticket",
+            {"port": 3000, "path": "/app?x=1"},
         )
     with pytest.raises(corral.ConfigError):
         corral.Client("k", "ftp://nope")

@@ -3,17 +3,22 @@
 - to the guest: hop-by-hop headers (and those ``Connection`` names) are dropped, and so are the caller's
   ``Authorization`` and ``Proxy-Authorization``; ``Host`` is the address the guest listens on
   (``127.0.0.1:<port>``); ``X-Forwarded-For`` gets the client's address appended, ``X-Forwarded-Host``,
-  ``-Proto`` and ``-Prefix`` say where the caller came from; the ``token`` query parameter (an API key)
-  is removed from the query;
+  ``-Proto`` and ``-Prefix`` say where the caller came from; the ``token`` query parameter is removed from
+  the query (on the API's path), and the proxy origin's own cookie from ``Cookie``;
 - to the client: hop-by-hop headers and ``Date`` (the API server adds its own) are dropped; a ``Location``
   on the guest's own address or an absolute path is moved under the proxy's prefix, as a reverse proxy
-  mounted on a path does.
+  mounted on a path does. On the API's origin (``api_response_headers``) the guest's ``Set-Cookie`` is
+  dropped and ``Content-Security-Policy: sandbox`` added: the page gets an opaque origin and runs no script;
+  on the proxy's own origin (``origin_response_headers``) a guest cookie is made host-only (its ``Domain``
+  removed), so no VM sets cookies for another's host name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from urllib.parse import quote, unquote_to_bytes
+
+from corral.api.proxy_tickets import COOKIE
 
 GUEST_HOST = "127.0.0.1"
 WS_MAX_MESSAGE = 16 * 1024 * 1024  # as uvicorn's default for the client side
@@ -78,6 +83,29 @@ def guest_target(raw_path: bytes | None, path: str, query: bytes) -> bytes:
     return _escaped(rest + (b"?" + b"&".join(kept) if kept else b""))
 
 
+def origin_target(raw_path: bytes | None, path: str, query: bytes) -> bytes:
+    """The request target for the guest on the proxy's own origin: the path and query as they came."""
+    rest = raw_path if raw_path else quote(path, safe="/:@!$&'()*+,;=-._~").encode()
+    return _escaped(rest + (b"?" + query if query else b""))
+
+
+def _without_our_cookie(value: bytes) -> bytes:
+    """A ``Cookie`` header without the proxy origin's own cookie (it is never the guest's)."""
+    pairs = [p.strip() for p in value.split(b";")]
+    return b"; ".join(p for p in pairs if p and p.split(b"=", 1)[0].strip() != COOKIE.encode())
+
+
+def _cookies_for_guest(headers: Headers) -> Headers:
+    out: Headers = []
+    for name, value in headers:
+        if name == b"cookie":
+            value = _without_our_cookie(value)
+            if not value:
+                continue
+        out.append((name, value))
+    return out
+
+
 def _escaped(target: bytes) -> bytes:
     """Bytes a request line may not carry (controls, spaces, non-ASCII a lenient client sent raw) as %XX."""
     return b"".join(bytes([c]) if 0x21 <= c <= 0x7E else b"%%%02X" % c for c in target)
@@ -93,7 +121,8 @@ def _forwarded(
     if original_host:
         out.append((b"x-forwarded-host", original_host))
     out.append((b"x-forwarded-proto", b"https" if scheme in ("https", "wss") else b"http"))
-    out.append((b"x-forwarded-prefix", prefix.encode()))
+    if prefix:
+        out.append((b"x-forwarded-prefix", prefix.encode()))
     return out
 
 
@@ -113,7 +142,7 @@ def request_headers(
         for name, value in without_hop_by_hop(headers)
         if name.lower() not in _NOT_FORWARDED and name.lower() != b"x-forwarded-for"
     ]
-    out: Headers = [(b"host", f"{GUEST_HOST}:{port}".encode()), *kept]
+    out: Headers = [(b"host", f"{GUEST_HOST}:{port}".encode()), *_cookies_for_guest(kept)]
     if chunked:
         out = [(n, v) for n, v in out if n != b"content-length"] + [(b"transfer-encoding", b"chunked")]
     return out + _forwarded(headers, client, scheme, prefix)
@@ -134,7 +163,7 @@ def websocket_headers(
     ]
     return [
         (n.decode("latin-1"), v.decode("latin-1"))
-        for n, v in kept + _forwarded(headers, client, scheme, prefix)
+        for n, v in _cookies_for_guest(kept) + _forwarded(headers, client, scheme, prefix)
     ]
 
 
@@ -161,6 +190,32 @@ def response_headers(headers: Sequence[tuple[bytes, bytes]], *, port: int, prefi
         if lower == b"date":
             continue
         out.append((lower, _location(value, port, prefix) if lower == b"location" else value))
+    return out
+
+
+SANDBOX_CSP = (b"content-security-policy", b"sandbox")
+
+
+def api_response_headers(headers: Sequence[tuple[bytes, bytes]], *, port: int, prefix: str) -> Headers:
+    """The guest's answer's headers on the API's origin: no cookies, and a sandboxed (opaque) origin."""
+    kept = [(n, v) for n, v in response_headers(headers, port=port, prefix=prefix) if n != b"set-cookie"]
+    return [*kept, SANDBOX_CSP]
+
+
+def _host_only(cookie: bytes) -> bytes:
+    parts = [p.strip() for p in cookie.split(b";")]
+    return b"; ".join(p for p in parts if p.split(b"=", 1)[0].strip().lower() != b"domain")
+
+
+def origin_response_headers(headers: Sequence[tuple[bytes, bytes]], *, port: int) -> Headers:
+    """The guest's answer's headers on the proxy's own origin: its cookies host-only, never the proxy's own."""
+    out: Headers = []
+    for name, value in response_headers(headers, port=port, prefix=""):
+        if name == b"set-cookie":
+            if value.split(b"=", 1)[0].strip() == COOKIE.encode():
+                continue
+            value = _host_only(value)
+        out.append((name, value))
     return out
 
 

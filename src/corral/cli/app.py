@@ -28,19 +28,21 @@ def serve(
     import logging
     import os
 
-    import uvicorn
-
     from corral.api.app import create_app
+    from corral.cli import logs, serving
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    logs.install_on_root()  # no API key or proxy ticket in any log line
     os.environ.setdefault("CORRAL_SSH_LISTEN", host)  # SSH where the API is, unless told otherwise
+    proxy_socket = serving.proxy_listener(host)  # the guest proxy's own origin (CORRAL_PROXY_PORT)
     with image_progress() as progress:
         application = create_app(progress=progress)
     # X-Forwarded-* only from the proxies the operator names (CORRAL_TRUSTED_PROXIES), never by default:
     # uvicorn's own default believes any client on loopback, which let one rotate its rate-limit address
     trusted = list(application.state.corral.settings.trusted_proxies)
-    uvicorn.run(
+    serving.run(  # the API, and the guest proxy origin on proxy_socket
         application,
+        proxy_socket,
         host=host,
         port=port,
         log_level=log_level,

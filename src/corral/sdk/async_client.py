@@ -174,6 +174,7 @@ class AsyncVms(AsyncNamespace):
     upload = _bind(vms.upload)
     list_files = _bind(vms.list_files)
     ssh = _bind(vms.ssh)
+    proxy_ticket = _bind(vms.proxy_ticket)
     hibernate = _bind(state.hibernate)
     resume = _bind(state.resume)
     fork = _bind(state.fork)
@@ -264,12 +265,11 @@ class AsyncVms(AsyncNamespace):
         """A terminal in the VM (WebSocket ``/terminal``): bytes both ways, JSON control messages as text."""
         return await sockets.terminal_connect_async(self._runner.config, vm_id, cols, rows)
 
-    def proxy_url(
-        self, vm_id: str, port: int, path: str = "", *, token: bool = False, websocket: bool = False
-    ) -> str:
-        """The URL of ``path`` on a server inside the VM, through the API (``token=True`` adds the API key
-        as ``?token=``, which a browser needs; ``websocket=True``: the ``ws://`` URL of a WebSocket there)."""
-        return proxy_url(self._runner.config, vm_id, port, path, token=token, websocket=websocket)
+    def proxy_url(self, vm_id: str, port: int, path: str = "", *, websocket: bool = False) -> str:
+        """The URL of ``path`` on a server inside the VM, through the API, for a program that sends the API
+        key in the ``Authorization`` header (``websocket=True``: the ``ws://`` URL of a WebSocket there). A
+        browser opens ``proxy_ticket(vm_id, port, path).url`` instead: the port on its own origin."""
+        return proxy_url(self._runner.config, vm_id, port, path, websocket=websocket)
 
 
 async def _copy(chunks: AsyncIterator[bytes], out: BinaryIO) -> int:

@@ -206,6 +206,14 @@ class SshInfo(Model):
     host_key: str
 
 
+class ProxyTicket(Model):
+    """A one-time URL that opens a VM's port in a browser, on the port's own origin (never the API's)."""
+
+    url: str
+    origin: str
+    expires_in: int
+
+
 # ---- exec and files ------------------------------------------------------------------------------------
 
 

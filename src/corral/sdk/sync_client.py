@@ -168,6 +168,7 @@ class Vms(Namespace):
     upload = _bind(vms.upload)
     list_files = _bind(vms.list_files)
     ssh = _bind(vms.ssh)
+    proxy_ticket = _bind(vms.proxy_ticket)
     hibernate = _bind(state.hibernate)
     resume = _bind(state.resume)
     fork = _bind(state.fork)
@@ -256,13 +257,11 @@ class Vms(Namespace):
         "cols", "rows"}`` as text; receive the screen as bytes, then ``{"type": "exit", "exit_code"}``."""
         return sockets.terminal_connect(self._runner.config, vm_id, cols, rows)
 
-    def proxy_url(
-        self, vm_id: str, port: int, path: str = "", *, token: bool = False, websocket: bool = False
-    ) -> str:
-        """The URL of ``path`` on a server inside the VM, through the API (for a browser or another HTTP
-        client: ``token=True`` adds the API key as ``?token=``, which a browser needs; ``websocket=True``: the
-        ``ws://`` URL of a WebSocket there)."""
-        return proxy_url(self._runner.config, vm_id, port, path, token=token, websocket=websocket)
+    def proxy_url(self, vm_id: str, port: int, path: str = "", *, websocket: bool = False) -> str:
+        """The URL of ``path`` on a server inside the VM, through the API, for a program that sends the API
+        key in the ``Authorization`` header (``websocket=True``: the ``ws://`` URL of a WebSocket there). A
+        browser opens ``proxy_ticket(vm_id, port, path).url`` instead: the port on its own origin."""
+        return proxy_url(self._runner.config, vm_id, port, path, websocket=websocket)
 
 
 def _copy(chunks: Iterator[bytes], out: BinaryIO) -> int:

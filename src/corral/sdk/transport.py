@@ -47,16 +47,11 @@ def headers_for(call: Call[Any], authorization: Callable[[], str]) -> dict[str, 
     return {"Authorization": authorization()} if call.auth else {}
 
 
-def proxy_url(
-    config: Config, vm_id: str, port: int, path: str = "", *, token: bool = False, websocket: bool = False
-) -> str:
-    """The URL of ``path`` on a server inside the VM, through the API; ``token=True`` adds the API key as
-    ``?token=`` (a browser cannot send the header); ``websocket=True`` gives the ``ws://``/``wss://`` URL."""
+def proxy_url(config: Config, vm_id: str, port: int, path: str = "", *, websocket: bool = False) -> str:
+    """The URL of ``path`` on a server inside the VM, through the API, for a program that sends the API key
+    in the ``Authorization`` header (a browser opens ``proxy_ticket``'s URL instead); ``websocket=True``
+    gives the ``ws://``/``wss://`` URL."""
     base = config.base_url
     if websocket:
         base = "ws" + base.removeprefix("http")
-    url = base + vms.proxy_path(vm_id, port, path)
-    if token:
-        key = config.authorization().removeprefix("Bearer ")
-        url += ("&" if "?" in url else "?") + str(httpx.QueryParams({"token": key}))
-    return url
+    return base + vms.proxy_path(vm_id, port, path)

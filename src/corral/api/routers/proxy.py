@@ -5,39 +5,48 @@ The server connects from the host into the sandbox's network namespace (``corral
 server bound to 127.0.0.1 inside is reached; nothing of the sandbox is published on the host. Bodies are
 streamed both ways (an upload is never held in memory, a download is relayed as the guest sends it). How
 requests and answers are rewritten is in ``corral.api.proxy_headers``, the HTTP/1.1 exchange with the guest in
-``corral.api.guest_http``."""
+``corral.api.guest_http``.
+
+Browsers do not use this path: a page served here would share the API's origin. They open a VM's port on
+the proxy's own origin (``corral.api.guest_origin``) with a ticket from ``POST /v1/vms/{id}/proxy-ticket``
+(``corral.api.proxy_tickets``). Here the caller authenticates with the ``Authorization`` header only, and
+the guest's answer gets ``Content-Security-Policy: sandbox`` and loses its ``Set-Cookie``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
+import h11
 import httpcore
 from fastapi import APIRouter, Path, Request, WebSocket
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.types import Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from corral.api.deps import AppState, authenticate_connection, connection_state
+from corral.api import schemas
+from corral.api.deps import AppState, PrincipalDep, StateDep, authenticate_connection, connection_state
 from corral.api.errors import error_response
 from corral.api.guest_http import Forward, Relay
 from corral.api.proxy_headers import (
     GUEST_HOST,
     WS_MAX_MESSAGE,
     Headers,
+    api_response_headers,
     guest_target,
     proxy_prefix,
     request_headers,
-    response_headers,
     sendable_close_code,
     websocket_headers,
 )
+from corral.api.proxy_tickets import TICKET_PARAM, TicketBook, origin_host
 from corral.api.routers.common import AUTHED, errors
 from corral.api.routers.vms import lifecycle_of
 from corral.domain.errors import BadRequest, Conflict, CorralError, InvalidParameter
@@ -51,15 +60,23 @@ GuestPath = Annotated[str, Path(description="The path on the guest's server (may
 
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 300.0  # between two reads from the guest (its answer's head included)
-_DENIAL_HEADERS = (b"content-type", b"location", b"www-authenticate", b"set-cookie")
+_DENIAL_HEADERS = (
+    b"content-type",
+    b"location",
+    b"www-authenticate",
+    b"set-cookie",
+    b"content-security-policy",
+)
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 DESCRIPTION = (
     "Forwards the request to `http://127.0.0.1:{port}/{path}` inside the VM, as HTTP/1.1, and relays the "
     "guest's answer (status, headers, body) as it comes. Every method works (GET, POST, PUT, PATCH, DELETE, "
     "HEAD, OPTIONS), and a WebSocket on the same path is relayed to the guest. Auth by `Authorization: "
-    "Bearer` or `?token=` (the `token` query parameter is never forwarded, nor the `Authorization` header). "
-    "Bodies are streamed both ways, of any size. 502 `upstream_unreachable` when nothing listens on the port, "
-    "504 `upstream_timeout` when the guest does not answer within 300 s."
+    "Bearer` only (never forwarded; a `token` query parameter is not accepted and not forwarded). For "
+    "programs: the answer gets `Content-Security-Policy: sandbox` and no `Set-Cookie`; browsers open the "
+    "port on the proxy's own origin (`POST /v1/vms/{vm_id}/proxy-ticket`). Bodies are streamed both ways, "
+    "of any size. 502 `upstream_unreachable` when nothing listens on the port, 504 `upstream_timeout` when "
+    "the guest does not answer within 300 s."
 )
 
 
@@ -86,6 +103,16 @@ for _status in (502, 504):
 
 
 _dialers: weakref.WeakKeyDictionary[Lifecycle, SandboxDialer] = weakref.WeakKeyDictionary()
+_books: weakref.WeakKeyDictionary[Lifecycle, TicketBook] = weakref.WeakKeyDictionary()
+
+
+def tickets_of(st: AppState) -> TicketBook:
+    """The app's proxy tickets and sessions (one book per lifecycle, made on first use)."""
+    life = lifecycle_of(st)
+    book = _books.get(life)
+    if book is None:
+        book = _books.setdefault(life, TicketBook())
+    return book
 
 
 def dialer_of(st: AppState) -> SandboxDialer:
@@ -98,11 +125,16 @@ def dialer_of(st: AppState) -> SandboxDialer:
 
 
 def _open_guest(conn: HTTPConnection, st: AppState, vm_id: str, port: int) -> Forward:
-    """The caller (header or ``?token=``), their running VM, and a socket connected to ``port`` inside it, or
-    the API error saying why not. Blocking: all of it runs in one worker thread."""
-    who = authenticate_connection(conn, st, allow_query=True)
+    """The caller (by the ``Authorization`` header), their running VM, and a socket connected to ``port``
+    inside it, or the API error saying why not. Blocking: all of it runs in one worker thread."""
+    who = authenticate_connection(conn, st, allow_query=False)
+    return open_guest(st, who.user_id, vm_id, port)
+
+
+def open_guest(st: AppState, user_id: str, vm_id: str, port: int) -> Forward:
+    """A socket connected to ``port`` inside ``user_id``'s running VM. Blocking."""
     life = lifecycle_of(st)
-    cid = life.running_container(who.user_id, vm_id)
+    cid = life.running_container(user_id, vm_id)
     try:
         sock = dialer_of(st).connect(cid, GUEST_HOST, port, CONNECT_TIMEOUT)
     except SandboxGone:
@@ -125,10 +157,20 @@ async def proxy(request: Request, vm_id: VmId, port: Port, path: GuestPath) -> R
     forward = await run_in_threadpool(_open_guest, request, connection_state(request), vm_id, port)
     prefix = proxy_prefix(vm_id, port)
     scope = request.scope
+    target = guest_target(scope.get("raw_path"), path, scope.get("query_string", b""))
+    relay = await relay_request(request, forward, target, prefix)
+    return RelayResponse(relay, api_response_headers(relay.headers, port=port, prefix=prefix))
+
+
+async def relay_request(request: Request, forward: Forward, target: bytes, prefix: str) -> Relay:
+    """Send the request on to the guest; its answer (status and headers, the body to come), or the API error
+    saying why not. The connection is closed on failure."""
+    port = forward.port
     length = request.headers.get("content-length")
-    chunked = length is None and "transfer-encoding" in request.headers
+    # a body with Transfer-Encoding (the server de-chunked it) goes on chunked, whatever length came with it
+    chunked = "transfer-encoding" in request.headers
     headers = request_headers(
-        scope["headers"],
+        request.scope["headers"],
         port=port,
         client=request.client.host if request.client else None,
         scheme=request.url.scheme,
@@ -136,13 +178,12 @@ async def proxy(request: Request, vm_id: VmId, port: Port, path: GuestPath) -> R
         chunked=chunked,
     )
     content = _body(request) if chunked or (length is not None and length != "0") else None
-    target = guest_target(scope.get("raw_path"), path, scope.get("query_string", b""))
     try:
-        relay = await forward.send(request.method, target, headers, content, READ_TIMEOUT)
+        return await forward.send(request.method, target, headers, content, READ_TIMEOUT)
     except ClientDisconnect:
         await forward.aclose()
-        return Response(status_code=400)  # nobody is left to read it
-    except httpcore.LocalProtocolError as exc:  # a request HTTP/1.1 cannot carry as it is
+        raise BadRequest("The client left before its request was sent") from None  # nobody reads it
+    except (httpcore.LocalProtocolError, h11.LocalProtocolError) as exc:  # HTTP/1.1 cannot carry it as is
         await forward.aclose()
         raise BadRequest(f"The request cannot be forwarded: {exc}") from None
     except httpcore.TimeoutException:
@@ -154,7 +195,6 @@ async def proxy(request: Request, vm_id: VmId, port: Port, path: GuestPath) -> R
     except BaseException:
         await forward.aclose()
         raise
-    return _RelayResponse(relay, response_headers(relay.headers, port=port, prefix=prefix))
 
 
 @router.api_route("/{vm_id}/proxy/{port}", methods=METHODS, include_in_schema=False)
@@ -170,7 +210,7 @@ async def _body(request: Request) -> AsyncIterator[bytes]:
             yield chunk
 
 
-class _RelayResponse(StreamingResponse):
+class RelayResponse(StreamingResponse):
     """The guest's answer, relayed as it comes; the connection to the guest is closed when the answer ends,
     fails or the client goes away."""
 
@@ -186,6 +226,61 @@ class _RelayResponse(StreamingResponse):
             await self.relay.aclose()
 
 
+# ---- tickets for the proxy's own origin -------------------------------------------------------------------
+
+
+class ProxyTicketIn(schemas.Request):
+    port: int = Field(ge=1, le=65535, description="A TCP port inside the VM (1-65535)")
+    path: str = Field(
+        default="/", max_length=4096, description="The path (and query) to open on the guest's server"
+    )
+
+
+class ProxyTicketOut(schemas.Response):
+    url: str = Field(description="Open this in a browser, within `expires_in` seconds, once")
+    origin: str = Field(description="The origin the VM's port is served at (its own, not the API's)")
+    expires_in: int = Field(description="Seconds the ticket is valid for")
+
+
+def origin_url(st: AppState, vm_id: str, port: int) -> str:
+    """The proxy origin of a VM's port, as browsers reach it."""
+    cfg = st.settings
+    public = cfg.proxy_public_port or cfg.proxy_port
+    default = 443 if cfg.proxy_scheme == "https" else 80
+    host = origin_host(vm_id, port, cfg.proxy_domain)
+    return f"{cfg.proxy_scheme}://{host}" + ("" if public == default else f":{public}")
+
+
+def _ticket_path(path: str) -> str:
+    """``path`` as the start of a URL on the origin, with the ticket parameter appended."""
+    target = "/" + path.lstrip("/")
+    if any(not 0x21 <= ord(c) <= 0x7E for c in target) or "#" in target:
+        raise InvalidParameter("path: must be printable ASCII without spaces or '#' (escape them as %XX)")
+    return target + ("&" if "?" in target else "?") + TICKET_PARAM + "="
+
+
+@router.post(
+    "/{vm_id}/proxy-ticket",
+    status_code=201,
+    summary="Open a guest port in a browser",
+    description=(
+        "A URL on the proxy's own origin (`http://<port>-<vm id>.<CORRAL_PROXY_DOMAIN>:<CORRAL_PROXY_PORT>`, "
+        "one origin per VM and port, never the API's) carrying a one-time ticket valid for 60 s. Opening it "
+        "sets an HttpOnly, host-only cookie for that VM and port only (8 hours) and redirects to the same "
+        "URL without the ticket. Neither the ticket nor the cookie can call the API, and the API key is "
+        "never in the URL. 409 `vm_not_running` when the VM does not run."
+    ),
+    responses=errors(*AUTHED, 404, 409, 422),
+)
+def create_proxy_ticket(vm_id: VmId, body: ProxyTicketIn, who: PrincipalDep, st: StateDep) -> ProxyTicketOut:
+    start = _ticket_path(body.path)
+    lifecycle_of(st).running_container(who.user_id, vm_id)  # the caller's VM (404 otherwise), running
+    book = tickets_of(st)
+    ticket = book.issue(who.user_id, vm_id, body.port)
+    origin = origin_url(st, vm_id, body.port)
+    return ProxyTicketOut(url=origin + start + ticket, origin=origin, expires_in=int(book.ticket_ttl))
+
+
 # ---- WebSocket ----------------------------------------------------------------------------------------------
 
 
@@ -197,16 +292,37 @@ async def proxy_websocket(websocket: WebSocket, vm_id: str, port: str, path: str
             raise InvalidParameter("port: must be an integer from 1 to 65535")
         forward = await run_in_threadpool(_open_guest, websocket, st, vm_id, int(port))
     except CorralError as exc:
-        await _deny(websocket, error_response(exc.status, exc.code, exc.message))
+        await deny(websocket, error_response(exc.status, exc.code, exc.message))
         return
     scope = websocket.scope
     target = guest_target(scope.get("raw_path"), path, scope.get("query_string", b""))
+    prefix = proxy_prefix(vm_id, int(port))
+    await relay_websocket(
+        websocket,
+        forward,
+        target,
+        prefix,
+        lambda raw: api_response_headers(raw, port=int(port), prefix=prefix),
+    )
+
+
+async def relay_websocket(
+    websocket: WebSocket,
+    forward: Forward,
+    target: bytes,
+    prefix: str,
+    answer_headers: Callable[[Headers], Headers],
+) -> None:
+    """Open the WebSocket with the guest on ``forward``'s socket and relay it; the guest's HTTP answer
+    instead (its headers through ``answer_headers``), or the API error, when it refuses."""
+    port = forward.port
+    scope = websocket.scope
     uri = f"ws://{GUEST_HOST}:{port}{target.decode('latin-1')}"
     extra = websocket_headers(
         scope["headers"],
         client=websocket.client.host if websocket.client else None,
         scheme=websocket.url.scheme,
-        prefix=proxy_prefix(vm_id, int(port)),
+        prefix=prefix,
     )
     origin = websocket.headers.get("origin")
     offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
@@ -224,30 +340,29 @@ async def proxy_websocket(websocket: WebSocket, vm_id: str, port: str, path: str
             user_agent_header=websocket.headers.get("user-agent"),
         )
     except InvalidStatus as exc:  # the guest answered HTTP instead: that answer goes to the client
-        denial = _guest_answer(exc, int(port), proxy_prefix(vm_id, int(port)))
-        await _deny(websocket, denial)
+        await deny(websocket, _guest_answer(exc, answer_headers))
         return
     except (OSError, InvalidHandshake, TimeoutError) as exc:
         failure = UpstreamUnreachable(f"The server on port {port} inside the VM refused the WebSocket: {exc}")
-        await _deny(websocket, error_response(failure.status, failure.code, failure.message))
+        await deny(websocket, error_response(failure.status, failure.code, failure.message))
         return
     async with upstream:
         await websocket.accept(subprotocol=upstream.subprotocol)
         await _pump(websocket, upstream)
 
 
-def _guest_answer(refusal: InvalidStatus, port: int, prefix: str) -> Response:
+def _guest_answer(refusal: InvalidStatus, answer_headers: Callable[[Headers], Headers]) -> Response:
     """The HTTP answer a guest gave instead of accepting a WebSocket, for the client."""
     answer = refusal.response
     body = bytes(answer.body or b"")
     raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.raw_items()]
-    kept = [(k, v) for k, v in response_headers(raw, port=port, prefix=prefix) if k in _DENIAL_HEADERS]
+    kept = [(k, v) for k, v in answer_headers(raw) if k in _DENIAL_HEADERS]
     denial = Response(body, status_code=answer.status_code)
     denial.raw_headers = [*kept, (b"content-length", str(len(body)).encode())]
     return denial
 
 
-async def _deny(websocket: WebSocket, response: Response) -> None:
+async def deny(websocket: WebSocket, response: Response) -> None:
     try:
         await websocket.send_denial_response(response)
     except RuntimeError:  # the server cannot answer HTTP on a WebSocket request: close with 4000 + status

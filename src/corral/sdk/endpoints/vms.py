@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import httpx
 
 from corral.sdk.call import Call, Route, body, model, nothing, page, params, raw, segment
-from corral.sdk.models import ExecResult, FileList, Page, SshInfo, Upload, Vm, VmHistory
+from corral.sdk.models import ExecResult, FileList, Page, ProxyTicket, SshInfo, Upload, Vm, VmHistory
 from corral.sdk.uploads import UploadData, UploadSource
 
 CREATE = Route("POST", "/v1/vms")
@@ -26,6 +26,7 @@ DOWNLOAD = Route("GET", "/v1/vms/{vm_id}/files/download")
 LIST_FILES = Route("GET", "/v1/vms/{vm_id}/files")
 SSH = Route("GET", "/v1/vms/{vm_id}/ssh")
 PROXY = Route("GET", "/v1/vms/{vm_id}/proxy/{port}/{path}")
+PROXY_TICKET = Route("POST", "/v1/vms/{vm_id}/proxy-ticket")
 
 EXEC_TIMEOUT = 60.0
 EXEC_MARGIN = 30.0  # the answer comes after the command's own timeout: wait that much longer
@@ -208,6 +209,17 @@ def proxy_path(vm_id: str, port: int, path: str = "") -> str:
     if not 1 <= port <= 65535:
         raise ValueError("port must be 1 to 65535")
     return f"/v1/vms/{segment(vm_id)}/proxy/{port}/{path.lstrip('/')}"
+
+
+def proxy_ticket(vm_id: str, port: int, path: str = "/") -> Call[ProxyTicket]:
+    """A URL for a browser: ``path`` on the server on ``port`` inside the VM, served from that port's own
+    origin; it carries a ticket valid once, for 60 s, which the browser trades for a cookie of that VM and
+    port only."""
+    if not 1 <= port <= 65535:
+        raise ValueError("port must be 1 to 65535")
+    return Call(
+        PROXY_TICKET, model(ProxyTicket), path_values={"vm_id": vm_id}, json=body(port=port, path=path)
+    )
 
 
 def proxy_request(

@@ -1,0 +1,164 @@
+"""The guest proxy's own origin: a second listener of ``corral serve`` (``CORRAL_PROXY_PORT``) that serves
+``http://<port>-<vm id>.<CORRAL_PROXY_DOMAIN>/...`` from ``127.0.0.1:<port>`` inside that VM, for browsers.
+
+Each VM and port is its own origin, none is the API's, so a guest's page can neither read the API nor
+another VM's pages. Access is by ticket then cookie (``corral.api.proxy_tickets``): a request carrying
+``?corral_ticket=`` spends it for an HttpOnly host-only cookie and is redirected to the same URL without
+it; every other request needs that cookie. API keys are not accepted here, and the cookie is never passed
+to the guest. Requests and answers are relayed as on the API's path (``corral.api.routers.proxy``), the
+guest's cookies made host-only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from urllib.parse import parse_qsl, urlencode
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from corral.api.deps import AppState, charge, client_key
+from corral.api.errors import error_response
+from corral.api.guest_http import Forward
+from corral.api.proxy_headers import origin_response_headers, origin_target
+from corral.api.proxy_tickets import COOKIE, TICKET_PARAM, cookie_usable, parse_origin_host
+from corral.api.routers.proxy import (
+    RelayResponse,
+    deny,
+    open_guest,
+    relay_request,
+    relay_websocket,
+    tickets_of,
+)
+from corral.domain.errors import CorralError, NotFound, Unauthorized
+
+NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+
+
+def _cookie_values(conn: HTTPConnection) -> list[str]:
+    """Every value of the proxy cookie the request carries (a page of another VM under the same domain may
+    have set one with ``Domain=``: each is tried)."""
+    values: list[str] = []
+    for name, raw in conn.scope["headers"]:
+        if name.lower() != b"cookie":
+            continue
+        for part in raw.decode("latin-1").split(";"):
+            key, eq, value = part.strip().partition("=")
+            if eq and key == COOKIE and value:
+                values.append(value)
+    return values
+
+
+def _target(conn: HTTPConnection, st: AppState) -> tuple[str, int]:
+    where = parse_origin_host(conn.headers.get("host", ""), st.settings.proxy_domain)
+    if where is None:
+        raise NotFound(
+            f"No VM port is served at this host name (<port>-<vm id>.{st.settings.proxy_domain})",
+            code="not_found",
+        )
+    return where
+
+
+def _open(conn: HTTPConnection, st: AppState, method: str) -> Forward:
+    """The VM's port named by the host, for the holder of a session cookie for it. Blocking."""
+    vm_id, port = _target(conn, st)
+    usable = cookie_usable(method, conn.headers.get("sec-fetch-site"), conn.headers.get("sec-fetch-mode"))
+    grant = tickets_of(st).session(_cookie_values(conn), vm_id, port) if usable else None
+    if grant is None:
+        charge(st, st.anon_limiter, client_key(conn))
+        raise Unauthorized(
+            "Open this port with a URL from POST /v1/vms/{vm_id}/proxy-ticket (API keys are not accepted here)"
+        )
+    return open_guest(st, grant.user_id, vm_id, port)
+
+
+def _redeem(request: Request, st: AppState, ticket: str) -> Response:
+    """Spend the ticket for a cookie and send the browser to the same URL without it. Blocking (cheap)."""
+    vm_id, port = _target(request, st)
+    session = tickets_of(st).redeem(ticket, vm_id, port)
+    if session is None:
+        charge(st, st.anon_limiter, client_key(request))
+        raise Unauthorized(
+            "The ticket is unknown, used, expired or for another VM or port: ask for a new one"
+        )
+    rest = [(k, v) for k, v in parse_qsl(request.url.query, keep_blank_values=True) if k != TICKET_PARAM]
+    location = request.url.path + ("?" + urlencode(rest) if rest else "")
+    secure = "; Secure" if st.settings.proxy_scheme == "https" else ""
+    cookie = f"{COOKIE}={session}; Path=/; Max-Age={int(tickets_of(st).session_ttl)}; HttpOnly; SameSite=Lax{secure}"
+    return Response(status_code=303, headers={**NO_STORE, "Location": location, "Set-Cookie": cookie})
+
+
+def _ticket(request: Request) -> str | None:
+    for key, value in parse_qsl(request.url.query, keep_blank_values=True):
+        if key == TICKET_PARAM:
+            return value
+    return None
+
+
+class GuestOrigin:
+    """The ASGI app of the proxy origin; it shares the API app's state (``AppState``)."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            response = await self._http(Request(scope, receive))
+            await response(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self._websocket(WebSocket(scope, receive, send))
+
+    async def _http(self, request: Request) -> Response:
+        st = self.state
+        try:
+            ticket = _ticket(request)
+            if ticket is not None:
+                return await run_in_threadpool(_redeem, request, st, ticket)
+            forward = await run_in_threadpool(_open, request, st, request.method)
+            target = origin_target(
+                request.scope.get("raw_path"), request.url.path, request.scope.get("query_string", b"")
+            )
+            relay = await relay_request(request, forward, target, "")
+        except CorralError as exc:
+            return error_response(exc.status, exc.code, exc.message, _headers(exc))
+        return RelayResponse(relay, origin_response_headers(relay.headers, port=forward.port))
+
+    async def _websocket(self, websocket: WebSocket) -> None:
+        st = self.state
+        try:
+            forward = await run_in_threadpool(_open, websocket, st, "GET")
+        except CorralError as exc:
+            await deny(websocket, error_response(exc.status, exc.code, exc.message, _headers(exc)))
+            return
+        target = origin_target(
+            websocket.scope.get("raw_path"), websocket.url.path, websocket.scope.get("query_string", b"")
+        )
+        await relay_websocket(
+            websocket, forward, target, "", lambda raw: origin_response_headers(raw, port=forward.port)
+        )
+
+
+def _headers(exc: CorralError) -> dict[str, str] | None:
+    retry = getattr(exc, "retry_after", None)
+    return {"Retry-After": str(retry)} if retry else None
+
+
+class ByListener:
+    """One ASGI app for both listeners of ``corral serve``: requests that arrive on the proxy port go to the
+    proxy origin, all else (lifespan included) to the API. The port the connection was accepted on decides,
+    never a header."""
+
+    def __init__(self, api: ASGIApp, guest: ASGIApp, guest_ports: Sequence[int]) -> None:
+        self.api = api
+        self.guest = guest
+        self.guest_ports = frozenset(guest_ports)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server")
+        if scope["type"] in ("http", "websocket") and server and server[1] in self.guest_ports:
+            await self.guest(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)

@@ -1,0 +1,56 @@
+"""How ``corral serve`` listens: the API on ``--host``/``--port``, and the guest proxy's own origin on
+``CORRAL_PROXY_PORT`` beside it (``corral.api.guest_origin``), in one uvicorn server whose log lines are
+redacted (``corral.cli.logs``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from corral.api.deps import AppState
+from corral.api.guest_origin import ByListener, GuestOrigin
+from corral.cli.logs import uvicorn_log_config
+
+log = logging.getLogger(__name__)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"cannot listen on {host}:{port}: {exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def proxy_listener(host: str) -> socket.socket:
+    """The proxy origin's socket, bound now on ``CORRAL_PROXY_PORT`` (0: any free port); the port taken is
+    put back in the environment so the app's settings (the URLs tickets give) name it."""
+    sock = _bind(host, int(os.environ.get("CORRAL_PROXY_PORT") or 8001))
+    os.environ["CORRAL_PROXY_PORT"] = str(sock.getsockname()[1])
+    return sock
+
+
+def run(application: FastAPI, proxy_socket: socket.socket, *, host: str, port: int, **options: Any) -> None:
+    """Serve the API and the proxy origin until a signal stops the server (``options``: uvicorn's)."""
+    state = application.state.corral
+    assert isinstance(state, AppState)
+    proxy_port = proxy_socket.getsockname()[1]
+    app = ByListener(application, GuestOrigin(state), [proxy_port])
+    config = uvicorn.Config(app, host=host, port=port, log_config=uvicorn_log_config(), **options)
+    api_socket = config.bind_socket()
+    log.info(
+        "Guest proxy origin on %s://<port>-<vm id>.%s:%d",
+        state.settings.proxy_scheme,
+        state.settings.proxy_domain,
+        proxy_port,
+    )
+    uvicorn.Server(config).run(sockets=[api_socket, proxy_socket])
