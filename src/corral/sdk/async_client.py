@@ -18,7 +18,7 @@ from websockets.asyncio.client import ClientConnection
 from corral.sdk import retry, sockets, waiting
 from corral.sdk.call import Call, next_page
 from corral.sdk.config import Config, resolve
-from corral.sdk.endpoints import account, state, vms
+from corral.sdk.endpoints import account, node, state, vms
 from corral.sdk.errors import APIConnectionError, error_for
 from corral.sdk.models import ExecEvent, ExecExit, Health, Page, Snapshot, Vm
 from corral.sdk.sse import ExecEvents
@@ -370,6 +370,10 @@ class AsyncUsage(AsyncNamespace):
     get = _bind(account.usage)
 
 
+class AsyncNode(AsyncNamespace):
+    get = _bind(node.get_node)
+
+
 class AsyncClient:
     """The Corral API, asynchronously: the surface of ``corral.Client`` with every call awaited. Use it as
     ``async with AsyncClient() as client`` or await ``aclose()``."""
@@ -404,6 +408,7 @@ class AsyncClient:
         self.device_login = AsyncDeviceLogin(runner)
         self.images = AsyncImages(runner)
         self.usage = AsyncUsage(runner)
+        self.node = AsyncNode(runner)
 
     @property
     def base_url(self) -> str:

@@ -17,7 +17,7 @@ from websockets.sync.client import ClientConnection
 from corral.sdk import retry, sockets, waiting
 from corral.sdk.call import Call, next_page
 from corral.sdk.config import Config, resolve
-from corral.sdk.endpoints import account, state, vms
+from corral.sdk.endpoints import account, node, state, vms
 from corral.sdk.errors import APIConnectionError, error_for
 from corral.sdk.models import ExecEvent, ExecExit, Health, Page, Snapshot, Vm
 from corral.sdk.sse import ExecEvents
@@ -362,6 +362,10 @@ class Usage(Namespace):
     get = _bind(account.usage)
 
 
+class Node(Namespace):
+    get = _bind(node.get_node)
+
+
 class Client:
     """The Corral API. ``api_key`` and ``base_url`` default to ``CORRAL_API_KEY`` / ``CORRAL_URL``, then to the
     CLI's saved login (``corral login``), then to the CLI's default URL. Use it as a context manager or call
@@ -397,6 +401,7 @@ class Client:
         self.device_login = DeviceLogin(runner)
         self.images = Images(runner)
         self.usage = Usage(runner)
+        self.node = Node(runner)
 
     @property
     def base_url(self) -> str:
