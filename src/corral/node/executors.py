@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Final
 
@@ -69,7 +69,7 @@ _END = object()
 
 async def iterate[T](
     name: str, items: Iterator[T], on_close: Callable[[], None] | None = None
-) -> AsyncIterator[T]:
+) -> AsyncGenerator[T]:
     """A blocking iterator read on the pool ``name``. Closing this before the end calls ``on_close`` (which
     should make a pending ``next`` return soon) and then closes ``items`` on the pool, once no ``next`` of it
     runs any more (a generator cannot be closed while it runs)."""
