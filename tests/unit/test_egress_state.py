@@ -378,6 +378,35 @@ def test_a_failing_loader_keeps_the_last_snapshot(caplog: pytest.LogCaptureFixtu
     assert watcher.current == marked(4)
 
 
+def test_a_reload_that_keeps_failing_is_logged_once_a_minute_and_its_age_grows(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    loader = Loader()
+    loader.failing = set(range(2, 400))
+    watcher = StateWatcher(loader, interval=60, clock=lambda: now[0])
+    assert watcher.age() == float("inf")
+    watcher.reload()
+    assert watcher.age() == 0
+    with caplog.at_level(logging.INFO, logger="corral.egress.state"):
+        for _ in range(240):  # two minutes of reloads every 0.5 s, every one failing
+            now[0] += 0.5
+            watcher.reload()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2  # the first with its traceback, then one a minute with the count
+    assert errors[0].exc_info is not None
+    assert not errors[1].exc_info
+    assert "119 more like this" in errors[1].getMessage()
+    assert watcher.age() == 120.0
+    assert watcher.failures == 240
+    loader.failing = set()
+    with caplog.at_level(logging.INFO, logger="corral.egress.state"):
+        watcher.reload()
+    assert watcher.age() == 0
+    assert watcher.failures == 0
+    assert "works again after 240 failures" in caplog.text
+
+
 def test_a_failing_first_load_leaves_an_empty_snapshot(watchers: list[StateWatcher]) -> None:
     loader = Loader()
     loader.failing = {1}

@@ -292,19 +292,38 @@ def fit_udp(query: bytes, reply: bytes) -> bytes:
     return bytes(cut.pack())
 
 
-async def serve(service: DnsService, host: str, port: int) -> Callable[[], None]:
-    """Listen on UDP and TCP; returns a function that stops both."""
+MAX_TCP_PER_CLIENT = 16  # DNS over TCP connections one sandbox address may hold open at once
+MAX_TCP = 1024  # and all sandboxes together (each holds a descriptor of the egress process)
+
+
+async def serve(
+    service: DnsService,
+    host: str,
+    port: int,
+    *,
+    max_tcp_per_client: int = MAX_TCP_PER_CLIENT,
+    max_tcp: int = MAX_TCP,
+    idle: float = 30.0,
+) -> Callable[[], None]:
+    """Listen on UDP and TCP; returns a function that stops both. TCP connections are capped per client
+    address and in all (one over a cap is closed at once) and closed after ``idle`` seconds without a query."""
     loop = asyncio.get_running_loop()
     udp, _ = await loop.create_datagram_endpoint(lambda: _UdpServer(service), local_addr=(host, port))
+    open_by_client: dict[str, int] = {}
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        client = str(peer[0])
+        if open_by_client.get(client, 0) >= max_tcp_per_client or sum(open_by_client.values()) >= max_tcp:
+            writer.close()
+            return
+        open_by_client[client] = open_by_client.get(client, 0) + 1
         try:
             while True:
-                head = await asyncio.wait_for(reader.readexactly(2), 30)
+                head = await asyncio.wait_for(reader.readexactly(2), idle)
                 (size,) = struct.unpack("!H", head)
-                packet = await asyncio.wait_for(reader.readexactly(size), 30)
-                out = await service.answer(packet, peer[0])
+                packet = await asyncio.wait_for(reader.readexactly(size), idle)
+                out = await service.answer(packet, client)
                 if out is None:
                     return
                 writer.write(struct.pack("!H", len(out)) + out)
@@ -312,6 +331,11 @@ async def serve(service: DnsService, host: str, port: int) -> Callable[[], None]
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
         finally:
+            left = open_by_client.get(client, 1) - 1
+            if left > 0:
+                open_by_client[client] = left
+            else:
+                open_by_client.pop(client, None)
             writer.close()
 
     tcp = await asyncio.start_server(handle, host, port)
