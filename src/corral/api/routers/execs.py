@@ -150,7 +150,7 @@ CLIENT_CLOSED = 499  # never seen by anyone: the client is gone
     "variables are in its environment. On timeout the whole process tree is killed and exit_code is 124; "
     "closing the connection before the end kills it too. An API key may run 32 commands at once and a VM 16 "
     "(by default; exec and exec/stream together): beyond that, 429 `too_many_concurrent` with `Retry-After`.",
-    responses=errors(*AUTHED, 404, 409, 422, 429),
+    responses=errors(*AUTHED, 404, 409, 422),
 )
 async def exec_command(
     vm_id: VmId, body: ExecRequest, who: PrincipalDep, st: StateDep, request: Request
@@ -223,7 +223,7 @@ async def _stream(prepared: _Prepared) -> AsyncIterator[bytes]:
     'then one `exit` event (`{"exit_code", "timed_out", "duration_ms"}`). No output cap. Closing the '
     "connection kills the command's process tree. Counts against the same caps as /exec (429 "
     "`too_many_concurrent`).",
-    responses={200: {"content": {"text/event-stream": {}}}, **errors(*AUTHED, 404, 409, 422, 429)},
+    responses={200: {"content": {"text/event-stream": {}}}, **errors(*AUTHED, 404, 409, 422)},
 )
 async def exec_stream(vm_id: VmId, body: ExecRequest, who: PrincipalDep, st: StateDep) -> StreamingResponse:
     execs = _bulkheads(st).execs
