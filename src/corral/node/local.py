@@ -173,8 +173,17 @@ class LocalNode:
         mem_limit = c.mem_limit_bytes or max(256 << 20, total - mem_reserve)
         try:
             cgroups.limit_parent_memory(self.cgroup_parent, mem_limit)
-        except OSError as exc:
-            raise NodeError(f"the sandboxes' parent memory cgroup cannot be limited: {exc}") from exc
+        except OSError as exc:  # e.g. EBUSY: running sandboxes use more than a lowered limit
+            actual = cgroups.parent_memory(self.cgroup_parent)[1]
+            if actual is None:
+                raise NodeError(f"the sandboxes' parent memory cgroup cannot be limited: {exc}") from exc
+            log.warning(
+                "the sandboxes' memory limit stays %d MiB (%d MiB asked): %s",
+                actual >> 20,
+                mem_limit >> 20,
+                exc,
+            )
+            mem_limit = min(actual, total)
         self.capacity = NodeCapacity(
             vcpus=os.cpu_count() or 1, mem_mib=mem_limit >> 20, disk_mib=disk_limit >> 20
         )
