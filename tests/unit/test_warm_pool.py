@@ -235,3 +235,23 @@ def test_default_ids_are_pool_prefixed() -> None:
         pool.close()
     assert len(set(booted)) == 2
     assert all(cid.startswith(POOL_PREFIX) and len(cid) == len(POOL_PREFIX) + 12 for cid in booted)
+
+
+def test_refill_boots_only_while_the_node_has_room(
+    fakes: Fakes, make_pool: Callable[[int], WarmPool]
+) -> None:
+    pool = make_pool(3)
+    room = threading.Event()
+    room.set()
+    pool.room = lambda: room.is_set() and pool.ready_count() < 1  # the node holds one more sandbox
+    pool.start()
+    wait_for(lambda: pool.ready_count() == 1)
+    time.sleep(0.2)
+    assert fakes.attempts == ["wp-1"]  # no boot without room, and no failure counted
+    assert pool.failures == 0
+    assert pool.reserved().mem_mib == 1024
+    assert pool.reserved().disk_mib == 4096
+    assert pool.reserved(2).vcpus == 2
+    pool.room = lambda: True  # room again (a VM was destroyed): the next wake-up fills the pool
+    assert pool.take(KEY) == "wp-1"
+    wait_for(lambda: pool.ready_count() == 3)
