@@ -3,9 +3,10 @@ starve another (asyncio's default executor, ``asyncio.to_thread``, is ``min(32, 
 everything that uses it; eight stalled uploads once held all of it and SSH logins waited behind them).
 
 - ``SSH_AUTH``: the SSH gateway's look-ups before and during authentication (the VM's key, its state).
-- ``SESSIONS``: setting up and ending interactive sessions and exec (a pty in the sandbox's devpts, the
-  connection of an ``ssh -L`` into its network namespace, killing a command's session from the host, the
-  command server's socket look-up).
+- ``SESSIONS``: setting up interactive sessions and exec (a pty in the sandbox's devpts, the connection of an
+  ``ssh -L`` into its network namespace, the command server's socket look-up).
+- ``KILLS``: killing a command's session from the host when its client leaves or it times out (up to 10 s
+  each against a fork bomb: kept apart, so many of them cannot delay anyone's session set-up).
 - ``EXEC_RUNTIME``: commands of sandboxes without corral-init, which go through the runtime's exec and are
   read by a thread for their whole run: sized to the server's exec cap (``configure``), so a command the caps
   let in always has its thread and one tenant's commands never queue another's.
@@ -22,9 +23,10 @@ from typing import Final
 
 SSH_AUTH: Final = "ssh-auth"
 SESSIONS: Final = "sessions"
+KILLS: Final = "kills"
 EXEC_RUNTIME: Final = "exec-runtime"
 
-SIZES: dict[str, int] = {SSH_AUTH: 8, SESSIONS: 8, EXEC_RUNTIME: 16}
+SIZES: dict[str, int] = {SSH_AUTH: 8, SESSIONS: 8, KILLS: 8, EXEC_RUNTIME: 16}
 
 _pools: dict[str, ThreadPoolExecutor] = {}
 _lock = threading.Lock()

@@ -180,7 +180,7 @@ class Session:
             await self._control
         self._conn.close()  # before the end: corral-init kills the command's session
         if running and self._kill_session is not None and self.pid is not None:
-            await executors.run(executors.SESSIONS, self._kill_session, self.pid)
+            await executors.run(executors.KILLS, self._kill_session, self.pid)
         for stream in ("stdout", "stderr"):
             self._close_fd(stream)
         if self._stdin is not None and not self.pty:

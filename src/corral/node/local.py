@@ -445,7 +445,7 @@ class LocalNode:
                 user=user,
                 timeout=timeout,
                 kill_session=lambda inner: self.kill_inner_session(cid, inner),
-                background=lambda kill, inner: executors.submit(executors.SESSIONS, kill, inner),
+                background=lambda kill, inner: executors.submit(executors.KILLS, kill, inner),
             )
         else:
             stop = threading.Event()
