@@ -51,6 +51,8 @@ class EgressSupervisor:
         self._first_error: RuntimeError | None = None
         self._parts = {"egress": Part.down("starting"), "resolver": Part.down("starting")}
         self._silent_rounds = 0
+        self._failed_starts = 0
+        self._retry_at = 0.0
 
     def parts(self) -> dict[str, Part]:
         """The egress and resolver parts of readiness, as the last probe found them."""
@@ -142,16 +144,16 @@ class EgressSupervisor:
         try:
             _enter_netns(self.gateway_ns)  # this thread only: the probes are made from the gateway
             self._spawn(self._timeout)
+            self._probe()  # readiness is known before the server serves
         except (RuntimeError, OSError) as exc:
             self._first_error = exc if isinstance(exc, RuntimeError) else RuntimeError(str(exc))
             return
         finally:
             self._first.set()
-        self._probe()
         while not self._stop.wait(self.settings.egress_probe_interval_s):
             with self._lock:
                 proc = self.proc
-            if proc is None or self._stop.is_set():
+            if proc is None or self._stop.is_set() or time.monotonic() < self._retry_at:
                 continue
             if proc.poll() is not None:
                 self._restart(f"the egress process exited ({proc.returncode})")
@@ -181,9 +183,14 @@ class EgressSupervisor:
         self._silent_rounds = 0
         try:
             self._spawn(30.0)
-        except RuntimeError:
-            log.exception("restarting the egress process failed")
+        except RuntimeError as exc:
+            # tried again after 1, 2, 4 ... 60 s: a process that cannot start does not flood the log
+            self._failed_starts += 1
+            delay = min(60.0, 2.0 ** (self._failed_starts - 1))
+            self._retry_at = time.monotonic() + delay
+            log.error("restarting the egress process failed (trying again in %.0f s): %s", delay, exc)
             return
+        self._failed_starts = 0
         self._probe()
 
     @staticmethod
