@@ -165,6 +165,7 @@ class Settings:
     disk_reserve_mib: int | None = None  # None: 5% of the filesystem, at least 1 GiB
     node_mem_mib: int | None = None
     mem_reserve_mib: int | None = None  # None: 10% of the host's memory, at least 1 GiB
+    disk_watch_s: float = 10.0  # how often the pool's limit follows the data dir's free space
     overcommit_vcpus: float = 4.0
     overcommit_mem: float = 1.0
     overcommit_disk: float = 1.0
@@ -264,6 +265,7 @@ class Settings:
             disk_reserve_mib=_optional(env, "CORRAL_DISK_RESERVE_MIB", _int0),
             node_mem_mib=_optional(env, "CORRAL_NODE_MEM_MIB", _int),
             mem_reserve_mib=_optional(env, "CORRAL_MEM_RESERVE_MIB", _int0),
+            disk_watch_s=_seconds(env, "CORRAL_DISK_WATCH_S", 10.0),
             overcommit_vcpus=_ratio(env, "CORRAL_OVERCOMMIT_VCPUS", 4.0),
             overcommit_mem=_ratio(env, "CORRAL_OVERCOMMIT_MEM", 1.0),
             overcommit_disk=_ratio(env, "CORRAL_OVERCOMMIT_DISK", 1.0),

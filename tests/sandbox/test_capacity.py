@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import Account, Server, node_server, reset_node, signup
-from tests.vmtools import create_ready, destroy, public_key, run, unique_name
+from tests.support import Account, Server, node_server, reset_node, signup, wait_until
+from tests.vmtools import create_ready, destroy, public_key, run, unique_name, wait_detail
 
 MIB = 1 << 20
 TMPFS_MIB = 1536
@@ -34,6 +34,7 @@ SETTINGS = {
     "CORRAL_NODE_MEM_MIB": "384",
     "CORRAL_OVERCOMMIT_MEM": "8",
     "CORRAL_QUOTA_MEM_MIB": "2048",
+    "CORRAL_DISK_WATCH_S": "0.5",
 }
 
 
@@ -74,6 +75,30 @@ def _node(acct: Account) -> dict[str, Any]:
     assert resp.status_code == 200, resp.text
     body: dict[str, Any] = resp.json()
     return body
+
+
+def test_the_pool_follows_the_hosts_free_space(small: Server, operator: Account) -> None:
+    """Something else fills the data dir's filesystem while the node runs: the sandboxes' limit comes down
+    with it, so a VM writing within its quota meets EDQUOT instead of the loop device meeting ENOSPC."""
+    c = operator.client
+    vm = create_ready(c, disk_mib=1024, mem_mib=64)
+    ballast = small.data_dir / "ballast"
+    start = _node(operator)["used"]["disk_limit_bytes"]
+    try:
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={ballast}", "bs=1M", "count=700"], check=True, capture_output=True
+        )
+        wait_until(lambda: _node(operator)["used"]["disk_limit_bytes"] <= start - 500 * MIB, timeout=30)
+        out = run(c, vm["id"], "dd if=/dev/zero of=/root/big bs=1M count=900; sync", timeout=120)
+        assert "Disk quota exceeded" in out["stderr"], out
+        mounted = _pool_mount(small.data_dir)
+        assert mounted, "the pool is not mounted"
+        assert all(" rw," in line for line in mounted), mounted
+        assert run(c, vm["id"], "rm /root/big; sync; echo ok")["stdout"] == "ok\n"
+    finally:
+        ballast.unlink(missing_ok=True)
+    wait_until(lambda: _node(operator)["used"]["disk_limit_bytes"] >= start - 16 * MIB, timeout=30)
+    destroy(c, vm["id"])
 
 
 def test_filling_a_quota_and_the_pool_leaves_it_writable(small: Server, operator: Account) -> None:
@@ -173,6 +198,7 @@ def test_quota_refuses_then_frees(small: Server, operator: Account) -> None:
         destroy(c, big["id"])
         resp = c.post("/v1/vms", json=body)
         assert resp.status_code == 201, resp.text
+        assert wait_detail(c, resp.json()["id"])["status_detail"] == "ready"
         destroy(c, resp.json()["id"])
     finally:
         acct.client.close()

@@ -63,6 +63,7 @@ class NodeConfig:
     disk_reserve_bytes: int | None = None  # left free on the host's filesystem; None: disk.host_reserve_bytes
     mem_limit_bytes: int | None = None  # every sandbox together; None: the host's memory less the reserve
     mem_reserve_bytes: int | None = None  # None: cgroups.memory_reserve_bytes
+    disk_watch_s: float = 10.0  # how often the pool's parent limit follows the host's free space (0: never)
     # corral-init (built by `make install`) when present: it also runs commands (~1 ms); else catatonit,
     # and commands go through the runtime's exec (~9 ms)
     init_binary: str | None = None
@@ -107,6 +108,8 @@ class LocalNode:
     _layout_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     # what all sandboxes share (the parent cgroup's and qgroup's limits), known after ``prepare``
     capacity: NodeCapacity | None = field(init=False, default=None)
+    _disk_reserve: int = field(init=False, default=0)
+    _watching: threading.Event = field(init=False, default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -165,6 +168,9 @@ class LocalNode:
         self.disks.ensure()
         disk_limit = diskpool.parent_limit_bytes(size, self.disks.allocated_bytes(), free, reserve)
         self.disks.ensure_parent(disk_limit)
+        self._disk_reserve = reserve
+        if c.disk_watch_s > 0:
+            threading.Thread(target=self._watch_disk, name="corral-disk-watch", daemon=True).start()
         with open("/proc/meminfo") as f:
             total = cgroups.host_memory_bytes(f.read())
         mem_reserve = c.mem_reserve_bytes
@@ -194,6 +200,34 @@ class LocalNode:
             self.capacity.disk_mib,
             size >> 20,
         )
+
+    def _watch_disk(self) -> None:
+        """Keep the parent qgroup's limit within what the host's filesystem can still give the sparse file:
+        something else filling that filesystem (the database, logs, another instance) lowers it, so the
+        sandboxes meet EDQUOT before the loop device meets ENOSPC (which would force btrfs read-only); space
+        freed raises it again, never above the pool's own bound."""
+        while not self._watching.wait(self.config.disk_watch_s):
+            try:
+                self.refresh_disk_limit()
+            except Exception:
+                log.exception("following the host's free space failed")
+
+    def refresh_disk_limit(self) -> int | None:
+        """Set the parent limit from the host's free space now; returns it (None before ``prepare``)."""
+        if self.disks.parent_limit is None or not os.path.ismount(self.disks.mountpoint):
+            return None
+        fs = os.statvfs(self.config.root)
+        limit = diskpool.parent_limit_bytes(
+            self.disks.size_bytes, self.disks.allocated_bytes(), fs.f_bavail * fs.f_frsize, self._disk_reserve
+        )
+        if limit != self.disks.parent_limit:
+            log.info(
+                "the sandboxes' disk limit is now %d MiB (was %d MiB)",
+                limit >> 20,
+                self.disks.parent_limit >> 20,
+            )
+            self.disks.set_parent_limit(limit)
+        return limit
 
     def usage(self) -> dict[str, int | None]:
         """What the sandboxes use now: memory (parent cgroup), disk (parent qgroup) and the pool's file."""
@@ -565,6 +599,7 @@ class LocalNode:
 
     def release(self) -> None:
         """At shutdown: remove the node's cgroup parent if no sandbox is left under it."""
+        self._watching.set()
         if self.node_id:
             cgroups.prune(self.cgroup_parent)
 

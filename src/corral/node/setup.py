@@ -82,6 +82,7 @@ def make_node(settings: Settings) -> LocalNode:
             disk_reserve_bytes=None if settings.disk_reserve_mib is None else settings.disk_reserve_mib * MIB,
             mem_limit_bytes=None if settings.node_mem_mib is None else settings.node_mem_mib * MIB,
             mem_reserve_bytes=None if settings.mem_reserve_mib is None else settings.mem_reserve_mib * MIB,
+            disk_watch_s=settings.disk_watch_s,
             init_binary=settings.sandbox_init,
             network=plan,
             trust_pem=ensure_ca(settings.egress_dir) if plan is not None else None,

@@ -126,8 +126,12 @@ class DiskPool:
             if PARENT_QGROUP not in parent.split(","):
                 with contextlib.suppress(CommandFailed):  # a stale qgroup of a deleted subvolume
                     run(["btrfs", "qgroup", "assign", qgroup, PARENT_QGROUP, mp])
-        run(["btrfs", "qgroup", "limit", str(limit_bytes), PARENT_QGROUP, mp])
-        self.parent_limit = limit_bytes
+        self.set_parent_limit(limit_bytes)
+
+    def set_parent_limit(self, limit_bytes: int) -> None:
+        with self._deleting:  # not while a delete has lifted it
+            run(["btrfs", "qgroup", "limit", str(limit_bytes), PARENT_QGROUP, str(self.mountpoint)])
+            self.parent_limit = limit_bytes
 
     def parent_usage(self) -> tuple[int, int | None]:
         """The parent qgroup's referenced bytes and limit (what every sandbox and capture holds together)."""
