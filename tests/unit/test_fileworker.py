@@ -160,11 +160,18 @@ def test_kernel_filesystems_and_device_nodes_are_refused(box: Box) -> None:
             ({"op": "open", "path": "/null", "flags": os.O_WRONLY, "mode": 0}, b""),
             ({"op": "setstat", "path": "/null", "change": {"mode": 0}}, b""),
             ({"op": "setstat", "path": "/version", "change": {"mtime_ns": 0}}, b""),
+            # a mount point is not a name the worker may replace, move or remove (the sandbox gets EBUSY)
+            ({"op": "put", "path": "/version", "mode": 0o644, "parents": False}, b""),
+            ({"op": "unlink", "path": "/version"}, b""),
+            ({"op": "rename", "old": "/version", "new": "/moved", "replace": True}, b""),
+            ({"op": "put", "path": "/null", "mode": 0o644, "parents": False}, b""),
         )
         assert all(isinstance(r, (OSError, FileError)) for r in results), results
         assert isinstance(results[0], FileError)
         assert results[0].kind == "refused"
         assert snapshot(box.root / "null") == before
+        assert sorted(p.name for p in box.root.iterdir()) == ["etc", "null", "version"]
+        assert (box.root / "version").read_text().startswith("Linux version")
     finally:
         umount(str(version))
 

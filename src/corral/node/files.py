@@ -95,6 +95,31 @@ class AttrChange:
 translate = _translate  # for callers that get an OSError for a path: the FileError to report
 
 
+def refuse_mount_point(dir_fd: int, name: str, path: str) -> None:
+    """EBUSY when the entry ``name`` of the directory ``dir_fd`` is a mount point (on another mount than the
+    directory, like the device nodes bound into ``/dev``), as the sandbox itself would get: a worker lives in
+    the host's mount namespace, where the sandbox's mount points are plain names and could be replaced."""
+    try:
+        entry = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    try:
+        if mount_id(entry) != mount_id(dir_fd):
+            raise OSError(errno.EBUSY, "a mount point cannot be replaced, moved or removed", path)
+    finally:
+        os.close(entry)
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount ``fd`` was opened on (``mnt_id`` of /proc/self/fdinfo: exact, unlike ``st_dev``,
+    which overlayfs gives per underlying layer)."""
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as info:
+        for line in info:
+            if line.startswith(b"mnt_id:"):
+                return int(line.split()[1])
+    raise OSError(errno.EINVAL, "no mount id for an fd")
+
+
 def check_own_filesystem(fd: int, path: str, allowed: frozenset[int] = SANDBOX_FILESYSTEMS) -> None:
     """Refuse (EPERM) an fd on a filesystem that is not the sandbox's own (``/proc``, ``/sys``, ...)."""
     if fs_type(fd) not in allowed:
@@ -217,9 +242,12 @@ class SandboxFiles:
         try:
             try:
                 check_own_filesystem(dfd, parent, self.filesystems)
+                refuse_mount_point(dfd, name, path)
                 existing = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                 if stat.S_ISDIR(existing.st_mode):
                     raise FileError("is_a_directory", f"{path} is a directory")
+                if not (stat.S_ISREG(existing.st_mode) or stat.S_ISLNK(existing.st_mode)):
+                    raise FileError("refused", f"{path} is not a regular file")
             except FileNotFoundError:
                 pass
             tmp = f".corral-upload-{secrets.token_hex(8)}"  # short: the target's name may be 255 bytes
@@ -517,10 +545,12 @@ class SandboxFiles:
 
     def rmdir(self, path: str) -> None:
         with self.parent(path) as (dfd, name), self._owner():
+            refuse_mount_point(dfd, name, path)
             os.rmdir(name, dir_fd=dfd)
 
     def unlink(self, path: str) -> None:
         with self.parent(path) as (dfd, name), self._owner():
+            refuse_mount_point(dfd, name, path)
             os.unlink(name, dir_fd=dfd)
 
     def rename(self, old: str, new: str, *, replace: bool) -> None:
@@ -531,6 +561,8 @@ class SandboxFiles:
             self.parent(new) as (ndfd, nname),
             self._owner(),
         ):
+            refuse_mount_point(odfd, oname, old)
+            refuse_mount_point(ndfd, nname, new)
             if not replace:
                 try:
                     os.link(oname, nname, src_dir_fd=odfd, dst_dir_fd=ndfd, follow_symlinks=False)
