@@ -53,3 +53,11 @@ def test_throttle_reports_once_per_interval_with_the_count_held_back() -> None:
     assert throttle.due("emfile") == 0
     assert held_note(0) == ""
     assert "501" in held_note(501)
+
+
+def test_caps_shrink_to_the_descriptors_the_process_may_have() -> None:
+    wanted = Caps(per_vm=1024, per_owner=4096, total=16384)
+    assert wanted.within(wanted.fd_limit()) == wanted
+    assert wanted.within(20000) == Caps(per_vm=1024, per_owner=4096, total=(20000 - FD_RESERVE) // 2)
+    assert wanted.within(6000) == Caps(per_vm=952, per_owner=952, total=952)
+    assert wanted.within(100).total == 1

@@ -26,6 +26,14 @@ class Caps:
         the upstream one) plus a reserve, so ``accept`` never meets EMFILE before a cap refuses."""
         return 2 * self.total + FD_RESERVE
 
+    def within(self, fd_limit: int) -> Caps:
+        """These caps, the node's lowered to what ``fd_limit`` descriptors hold (when the limit cannot be
+        raised that far: without CAP_SYS_RESOURCE the hard limit stays), and no per-owner or per-VM cap
+        above the node's."""
+        total = min(self.total, max(1, (fd_limit - FD_RESERVE) // 2))
+        per_owner = min(self.per_owner, total)
+        return Caps(per_vm=min(self.per_vm, per_owner), per_owner=per_owner, total=total)
+
 
 @dataclass
 class Counts:

@@ -111,11 +111,17 @@ def size_open_files_limit(needed: int) -> int:
 
 def run(settings: Settings, ready_file: Path | None = None) -> None:
     plan = net_plan(settings)
-    caps = caps_of(settings)
-    limit = size_open_files_limit(caps.fd_limit())
-    log.info("egress: up to %d open files (caps: %s)", limit, caps)
-    if limit < caps.fd_limit():
-        log.warning("egress: %d open files allowed, the connection caps need %d", limit, caps.fd_limit())
+    wanted = caps_of(settings)
+    limit = size_open_files_limit(wanted.fd_limit())
+    caps = wanted.within(limit)
+    if caps != wanted:
+        log.warning(
+            "egress: %d open files allowed (the caps need %d): connections capped at %s instead",
+            limit,
+            wanted.fd_limit(),
+            caps,
+        )
+    log.info("egress: up to %d open files; open connections at most %s", limit, caps)
     if plan is None:
         raise SystemExit("the sandbox network is turned off (CORRAL_NETWORK=off): no egress to run")
     (settings.egress_dir / PID_FILE).write_text(f"{os.getpid()}\n")
@@ -143,7 +149,7 @@ def run(settings: Settings, ready_file: Path | None = None) -> None:
     watcher.start()
     writer.start()
     try:
-        asyncio.run(_serve(settings, plan, watcher, writer, ready_file))
+        asyncio.run(_serve(settings, plan, watcher, writer, ready_file, caps))
     finally:
         writer.stop()
         watcher.stop()
@@ -190,7 +196,12 @@ def quiet_resource_errors(
 
 
 async def _serve(
-    settings: Settings, plan: NetPlan, watcher: StateWatcher, writer: AuditWriter, ready_file: Path | None
+    settings: Settings,
+    plan: NetPlan,
+    watcher: StateWatcher,
+    writer: AuditWriter,
+    ready_file: Path | None,
+    caps: Caps,
 ) -> None:
     from mitmproxy import options
     from mitmproxy.addons import core, disable_h2c, proxyserver, tlsconfig
@@ -216,7 +227,7 @@ async def _serve(
         forbidden=forbidden,
         audit=writer.add,
         now=lambda: datetime.now(UTC),
-        caps=caps_of(settings),
+        caps=caps,
         first_byte_timeout=settings.egress_first_byte_timeout_s,
         health=lambda: health_line(watcher),
     )
