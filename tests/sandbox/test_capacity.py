@@ -192,6 +192,14 @@ def test_quota_refuses_then_frees(small: Server, operator: Account) -> None:
         # another account is not held by this one's quota
         mine = create_ready(operator.client, mem_mib=1024, disk_mib=64)
         destroy(operator.client, mine["id"])
+        # fork children count like creates: refused, the source runs on
+        forked = c.post(f"/v1/vms/{big['id']}/fork", json={"count": 1}, timeout=120)
+        assert forked.status_code == 409, forked.text
+        assert forked.json()["error"]["code"] == "quota_exceeded"
+        assert run(c, big["id"], "echo alive")["stdout"] == "alive\n"
+        assert c.get("/v1/vms", params={"limit": 100}).json()["data"] == [
+            c.get(f"/v1/vms/{big['id']}").json()
+        ]
         # a stopped VM still holds its share; a destroyed one does not
         assert c.post(f"/v1/vms/{big['id']}/stop").status_code == 200
         assert c.post("/v1/vms", json=body).status_code == 409

@@ -299,6 +299,9 @@ class StateService:
         now = self.life.clock.now()
         rows: list[Vm] = []
         with transaction(self.life.sessions) as session:
+            if self.life.admission is not None:  # the children count against quotas and the node like creates
+                like = vms.NewVm("", "", src.image, src.vcpus, src.mem_mib, src.disk_mib)
+                vms.admit(session, self.life.admission, src.user_id, like, count=count)
             for _ in range(count):
                 child_id = new_id(Prefix.VM)
                 row = Vm(

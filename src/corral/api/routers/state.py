@@ -183,8 +183,9 @@ async def resume_vm(vm_id: VmId, who: PrincipalDep, st: StateDep) -> VmOut:
     summary="Fork a running VM",
     description="Makes `count` new running VMs (1 to 16) with the source's disk and memory at one instant; the "
     "source keeps running. Each child has its own ID, name (`<source name>-fork-<id>`), hostname and network "
-    "address; unchanged disk blocks are shared, not copied.",
-    responses=errors(*AUTHED, 404, 409, 422, 500),
+    "address; unchanged disk blocks are shared, not copied. The children are admitted like creates: 409 "
+    "`quota_exceeded`, 503 `node_full`.",
+    responses=errors(*AUTHED, 404, 409, 422, 500, 503),
 )
 async def fork_vm(
     vm_id: VmId, who: PrincipalDep, st: StateDep, body: ForkRequest | None = None
