@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import stat
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncssh
 import httpx
@@ -207,3 +209,49 @@ def test_a_big_directory_is_listed_in_pages(account: Account, vm: dict[str, Any]
         bad = c.get(f"/v1/vms/{vm_id}/files", params=params)
         assert bad.status_code == 400, (params, bad.text)
         assert bad.json()["error"]["code"] == code, (params, bad.text)
+
+
+def _stalled_upload(srv: Server, token: str, vm_id: str, n: int) -> socket.socket:
+    """An upload that sends one byte of its body, then nothing."""
+    url = urlsplit(srv.url)
+    assert url.hostname is not None
+    assert url.port is not None
+    sock = socket.create_connection((url.hostname, url.port), timeout=10)
+    head = (
+        f"POST /v1/vms/{vm_id}/files/upload?path=/root/stalled-{n} HTTP/1.1\r\nHost: test\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Type: application/octet-stream\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n1\r\nx\r\n"
+    )
+    sock.sendall(head.encode())
+    return sock
+
+
+def test_uploads_are_capped_per_vm_and_stalled_ones_leave_nothing(
+    node: Server, account: Account, vm: dict[str, Any]
+) -> None:
+    c, vm_id = account.client, vm["id"]
+    stalls = [_stalled_upload(node, account.token, vm_id, n) for n in range(8)]  # the per-VM cap
+    try:
+        time.sleep(1.5)  # the server takes them in (each holds its slot while it waits for the body)
+        resp = c.post(f"/v1/vms/{vm_id}/files/upload", params={"path": "/root/ninth"}, content=b"9")
+        assert resp.status_code == 429, resp.text
+        assert resp.json()["error"]["code"] == "too_many_concurrent"
+        assert int(resp.headers["retry-after"]) >= 1
+        # listings and downloads have slots of their own
+        assert c.get(f"/v1/vms/{vm_id}/files", params={"path": "/root"}).status_code == 200
+    finally:
+        for sock in stalls:
+            sock.close()
+    deadline = time.monotonic() + 15
+    while True:  # the slots come back as the connections close
+        resp = c.post(f"/v1/vms/{vm_id}/files/upload", params={"path": "/root/after"}, content=b"after")
+        if resp.status_code == 201 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert resp.status_code == 201, resp.text
+    left = run(c, vm_id, "ls -A /root | grep -E '^(stalled-|\\.corral-upload-)' || true")["stdout"]
+    deadline = time.monotonic() + 10
+    while left.strip() and time.monotonic() < deadline:  # each worker removes its upload as it ends
+        time.sleep(0.2)
+        left = run(c, vm_id, "ls -A /root | grep -E '^(stalled-|\\.corral-upload-)' || true")["stdout"]
+    assert left.strip() == "", left

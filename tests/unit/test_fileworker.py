@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from starlette.requests import Request
 
-from corral.api.routers.files import decode_list_cursor, encode_list_cursor, file_error
+from corral.api.routers.files import RequestTimeout, _body, decode_list_cursor, encode_list_cursor, file_error
 from corral.domain.errors import InvalidCursor, TemporarilyUnavailable
 from corral.node import fileproto
 from corral.node.fileclient import AsyncSession, WorkerUnavailable, read_small, sync_session
@@ -267,6 +268,33 @@ def test_an_upload_never_committed_leaves_nothing(box: Box) -> None:
             break
         time.sleep(0.05)
     assert [p.name for p in box.root.iterdir()] == ["etc"]
+
+
+def test_an_upload_body_that_stops_arriving_times_out() -> None:
+    async def scenario() -> list[bytes]:
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": b"x", "more_body": True}
+            await asyncio.sleep(3600)  # a client that sends nothing more
+            return {"type": "http.disconnect"}
+
+        request = Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
+        got: list[bytes] = []
+
+        async def drain() -> None:
+            async for chunk in _body(request, 0.2):
+                got.append(chunk)
+
+        with pytest.raises(RequestTimeout):
+            await drain()
+        return got
+
+    assert asyncio.run(scenario()) == [b"x"]
+    assert (RequestTimeout("x").status, RequestTimeout("x").code) == (408, "request_timeout")
 
 
 def test_a_gone_sandbox_is_not_running(tmp_path: Path) -> None:
