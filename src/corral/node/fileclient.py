@@ -299,3 +299,13 @@ def read_small(session: SyncSession, path: str, limit: int = 1 << 20) -> bytes:
     """The first ``limit`` bytes of a regular file of the sandbox (as its root reads it)."""
     _reply_header, data = session.call({"op": "read_small", "path": path, "limit": limit})
     return data
+
+
+def write_file(
+    session: SyncSession, path: str, data: bytes, *, mode: int = 0o644, parents: bool = False
+) -> int:
+    """Replace the file ``path`` of the sandbox with ``data``, written as its root (nothing kept on failure)."""
+    reply, _ = session.call({"op": "put", "path": path, "mode": mode, "parents": parents})
+    session.call({"op": "write", "h": reply["h"], "offset": -1}, data)
+    done, _ = session.call({"op": "commit", "h": reply["h"]})
+    return int(done["size"])

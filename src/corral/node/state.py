@@ -30,6 +30,7 @@ from pathlib import Path
 
 from corral.net.gateway import NetworkError
 from corral.node.agent.client import AgentUnavailable, detach_agent
+from corral.node.fileclient import sync_session, write_file
 from corral.node.files import FileError, SandboxFiles
 from corral.node.local import AGENT_SOCKET, INIT_PATH, LocalNode, NodeError, Resources, listening
 from corral.runtime import freezer
@@ -374,12 +375,16 @@ class NodeState:
         """A restored copy's own name: its UTS hostname (CRIU restores the source's) and /etc/hostname."""
         in_namespace(pid, "uts", lambda: socket.sethostname(hostname))
         files = SandboxFiles(pid, self.node.config.id_base, self.node.config.id_base)
-        for path, text in (
-            ("/etc/hostname", f"{hostname}\n"),
-            ("/etc/hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost\n"),
-        ):
-            with contextlib.suppress(FileError):
-                files.write(path, [text.encode()], mode=0o644, parents=True)
+        with contextlib.suppress(FileError, OSError), sync_session(files) as session:  # as the sandbox's root
+            for path, text in (
+                ("/etc/hostname", f"{hostname}\n"),
+                (
+                    "/etc/hosts",
+                    f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost\n",
+                ),
+            ):
+                with contextlib.suppress(FileError, OSError):
+                    write_file(session, path, text.encode(), mode=0o644, parents=True)
 
     def serve_commands(self, cid: str) -> None:
         """Start the sandbox's command server (corral-init --serve) through the runtime's exec, with a new
