@@ -270,7 +270,7 @@ def _ticket_path(path: str) -> str:
         "URL without the ticket. Neither the ticket nor the cookie can call the API, and the API key is "
         "never in the URL. 409 `vm_not_running` when the VM does not run."
     ),
-    responses=errors(*AUTHED, 404, 409, 422),
+    responses=errors(*AUTHED, 404, 409, 422, 503),
 )
 def create_proxy_ticket(vm_id: VmId, body: ProxyTicketIn, who: PrincipalDep, st: StateDep) -> ProxyTicketOut:
     start = _ticket_path(body.path)
