@@ -24,6 +24,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
+from tests.sandbox.test_cli_vm import cli
 from tests.sandbox.test_proxy import GUEST_PORT, LOG, SERVER, guest_log
 from tests.support import Account, Server, signup
 from tests.vmtools import create_ready, destroy, run
@@ -409,3 +410,29 @@ def test_the_servers_log_holds_no_key_nor_ticket(
     assert ticket_value not in log
     assert f"/v1/vms/{a['id']}/shell?token=[redacted]" in log
     assert "corral_live_" not in log
+
+
+# ---- the CLI ------------------------------------------------------------------------------------------------
+
+
+def test_corral_vm_open_prints_a_ticket_url(
+    node: Server, owner: Account, vms: tuple[dict[str, Any], dict[str, Any]], tmp_path: Path
+) -> None:
+    a, _ = vms
+    done = cli(node, owner, "open", a["name"], str(GUEST_PORT), "--path", "/echo?m=cli-open", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    url = done.stdout.strip()
+    assert urlsplit(url).hostname == f"{GUEST_PORT}-{a['id'].replace('_', '-')}.localhost"
+    assert owner.token not in url
+    origin = Origin(url)
+    try:
+        resp, cookie = origin.open(url)
+        assert resp.headers["location"] == "/echo?m=cli-open"
+        assert origin.get("/echo?m=cli-open", cookie=cookie).status_code == 200
+    finally:
+        origin.close()
+    stranger = signup(node, first_name="Eve", last_name="Other")
+    stranger.client.close()
+    refused = cli(node, stranger, "open", a["id"], str(GUEST_PORT), cwd=tmp_path)
+    assert refused.returncode != 0
+    assert "vm_not_found" in refused.stderr or "not found" in refused.stderr.lower()

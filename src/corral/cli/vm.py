@@ -166,6 +166,22 @@ def get(vm: Annotated[str, typer.Argument(help="VM id or name")]) -> None:
         _show(_check(client.get(f"/v1/vms/{_resolve(client, vm)}")))
 
 
+@app.command("open")
+def open_(
+    vm: Annotated[str, typer.Argument(help="VM id or name")],
+    port: Annotated[int, typer.Argument(help="A TCP port inside the VM")],
+    path: Annotated[str, typer.Option(help="The path (and query) to open")] = "/",
+) -> None:
+    """Print a URL that opens a web server inside the VM in a browser, on its own origin (once, within 60 s)."""
+    with _client() as client:
+        vm_id = _resolve(client, vm)
+        ticket = _check(client.post(f"/v1/vms/{vm_id}/proxy-ticket", json={"port": port, "path": path}))
+    err.print(
+        f"Open within {ticket['expires_in']} s, once (the browser keeps a cookie for {ticket['origin']}):"
+    )
+    sys.stdout.write(ticket["url"] + "\n")
+
+
 @app.command()
 def stop(vm: Annotated[str, typer.Argument(help="VM id or name")]) -> None:
     """Stop a VM (keeps its disk)."""
