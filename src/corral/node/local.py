@@ -208,6 +208,9 @@ class LocalNode:
         freed raises it again, never above the pool's own bound."""
         while not self._watching.wait(self.config.disk_watch_s):
             try:
+                if not self.disks.accounting_consistent():
+                    log.warning("the disk pool's quota accounting is inconsistent: rescanning")
+                    self.disks.rescan()
                 self.refresh_disk_limit()
             except Exception:
                 log.exception("following the host's free space failed")

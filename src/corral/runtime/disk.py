@@ -117,6 +117,7 @@ class DiskPool:
         """The parent qgroup, the top level and every volume in it, limited to ``limit_bytes`` (idempotent:
         volumes made by an older Corral are assigned too)."""
         mp = str(self.mountpoint)
+        self.keep_accounting()
         shown = run(["btrfs", "qgroup", "show", "-p", "--raw", mp])
         if not any(line.split()[:1] == [PARENT_QGROUP] for line in shown.splitlines()):
             run(["btrfs", "qgroup", "create", PARENT_QGROUP, mp])
@@ -127,6 +128,34 @@ class DiskPool:
                 with contextlib.suppress(CommandFailed):  # a stale qgroup of a deleted subvolume
                     run(["btrfs", "qgroup", "assign", qgroup, PARENT_QGROUP, mp])
         self.set_parent_limit(limit_bytes)
+
+    def _sysfs(self) -> Path | None:
+        """The pool's directory under /sys/fs/btrfs (by its filesystem's UUID)."""
+        out = run(["btrfs", "filesystem", "show", str(self.mountpoint)])
+        found = re.search(r"uuid: ([0-9a-f-]{36})", out)
+        return Path("/sys/fs/btrfs") / found.group(1) if found else None
+
+    def keep_accounting(self) -> None:
+        """Account every subvolume delete in full: by default the kernel skips the accounting of a deleted
+        subvolume whose tree is 3 levels or more and marks the qgroups inconsistent instead, and from then on
+        the parent qgroup keeps counting what was deleted (the pool looks fuller and fuller)."""
+        sysfs = self._sysfs()
+        with contextlib.suppress(OSError):
+            if sysfs is not None:
+                (sysfs / "qgroups" / "drop_subtree_threshold").write_text("8")
+
+    def accounting_consistent(self) -> bool:
+        """False when the kernel marked the qgroups inconsistent (a rescan is due)."""
+        sysfs = self._sysfs()
+        try:
+            return sysfs is None or (sysfs / "qgroups" / "inconsistent").read_text().strip() != "1"
+        except OSError:
+            return True
+
+    def rescan(self) -> None:
+        """Start a quota rescan (it runs in the kernel; the numbers are right once it ends)."""
+        with contextlib.suppress(CommandFailed):  # one already running
+            run(["btrfs", "quota", "rescan", str(self.mountpoint)])
 
     def set_parent_limit(self, limit_bytes: int) -> None:
         with self._deleting:  # not while a delete has lifted it
