@@ -14,6 +14,7 @@ from corral import __version__
 from corral.api import docs, errors, openapi
 from corral.api.bulkheads import Bulkheads, ssh_limits
 from corral.api.deps import AppState
+from corral.api.idempotency import Idempotency
 from corral.api.limits import RequestGuard
 from corral.api.routers import (
     access,
@@ -200,6 +201,7 @@ def create_app(
     ):
         app.include_router(module.router)
     app.include_router(vms.images_router)
+    app.add_middleware(Idempotency)  # inside RequestGuard: bodies are capped before it reads them
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
     app.openapi = lambda: openapi.build(app)  # type: ignore[method-assign]
     return app

@@ -7,6 +7,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from corral.api import idempotency
+
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorEnvelope"}
 
 
@@ -38,5 +40,6 @@ def build(app: FastAPI) -> dict[str, Any]:
                 op["security"] = [{"bearer": []}]
     for name in ("HTTPValidationError", "ValidationError"):
         components.get("schemas", {}).pop(name, None)
+    idempotency.document(schema)
     app.openapi_schema = schema
     return schema
