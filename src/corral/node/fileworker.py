@@ -38,8 +38,10 @@ MAX_PAGE = 10_000
 
 
 def fork_server(control: socket.socket) -> None:
-    """Fork a worker for every session the host sends, until the host closes ``control``."""
+    """Hand every session the host sends to a worker, until the host closes ``control``. One worker is forked
+    ahead (a spare, waiting for its session), so a request does not wait for a fork."""
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped by the kernel
+    spare = _spare(control)
     while True:
         try:
             msg, fds, _flags, _addr = socket.recv_fds(control, 64, 3)
@@ -47,23 +49,43 @@ def fork_server(control: socket.socket) -> None:
             continue
         if not msg:
             return
-        if len(fds) != 3:
+        try:
+            if len(fds) != 3:
+                continue
+            for _attempt in range(2):
+                try:
+                    socket.send_fds(spare, [b"s"], fds)
+                    break
+                except OSError:  # the spare ended: fork another
+                    spare.close()
+                    spare = _spare(control)
+            spare.close()
+            spare = _spare(control)
+        finally:
             for fd in fds:
                 os.close(fd)
-            continue
-        session, root, userns = fds
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                control.close()
-                code = worker(session, root, userns)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        for fd in fds:
-            os.close(fd)
+
+
+def _spare(control: socket.socket) -> socket.socket:
+    """Fork a worker that waits for its session's fds on the returned socket (and ends with this process)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            ours.close()
+            control.close()
+            set_parent_death_signal(signal.SIGKILL)
+            msg, fds, _flags, _addr = socket.recv_fds(theirs, 64, 3)
+            theirs.close()
+            if msg and len(fds) == 3:
+                code = worker(*fds)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    theirs.close()
+    return ours
 
 
 def enter(userns: int) -> None:
