@@ -144,7 +144,8 @@ def origin_client(c: httpx.Client, vm_id: str) -> httpx.Client:
 def measure_origin(c: httpx.Client, vm_id: str, runs: int) -> list[float]:
     """Milliseconds per GET on the proxy's own origin, with the cookie (a kept-alive connection)."""
     out: list[float] = []
-    with origin_client(c, vm_id) as o:
+    o = origin_client(c, vm_id)
+    try:
         for _ in range(20):
             o.get("/index.txt")
         for _ in range(runs):
@@ -153,6 +154,8 @@ def measure_origin(c: httpx.Client, vm_id: str, runs: int) -> list[float]:
             out.append((time.perf_counter() - t) * 1000)
             if r.status_code != 200 or r.content != BODY:
                 raise RuntimeError(f"origin: {r.status_code} {r.content!r}")
+    finally:
+        o.close()
     return out
 
 
