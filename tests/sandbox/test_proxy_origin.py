@@ -132,6 +132,12 @@ def test_a_ticket_opens_one_vm_port_once_and_becomes_a_cookie(
         seen = {n.lower(): v for n, v in page.json()["headers"]}
         assert seen["cookie"] == "app=kept"  # the proxy's cookie never reaches the guest
         assert "corral_ticket" not in json.dumps(guest_log(owner, a["id"]))
+        # escapes in the path and query reach the guest as the client wrote them, through the redirect too
+        escaped = ticket(owner, a["id"], "/echo/a%20b%2Fc?m=origin-esc&y=a%2Fb&flag")
+        moved, esc_cookie = origin.open(escaped["url"])
+        assert moved.headers["location"] == "/echo/a%20b%2Fc?m=origin-esc&y=a%2Fb&flag"
+        page = origin.get(moved.headers["location"], cookie=esc_cookie)
+        assert page.json()["target"] == "/echo/a%20b%2Fc?m=origin-esc&y=a%2Fb&flag"
         # the ticket is spent
         again = origin.get(urlsplit(got["url"]).path + "?" + urlsplit(got["url"]).query)
         assert again.status_code == 401

@@ -12,7 +12,13 @@ from corral.api.proxy_headers import (
     request_headers,
     websocket_headers,
 )
-from corral.api.proxy_tickets import TicketBook, cookie_usable, origin_host, parse_origin_host
+from corral.api.proxy_tickets import (
+    TicketBook,
+    cookie_usable,
+    origin_host,
+    parse_origin_host,
+    without_ticket,
+)
 
 
 class Clock:
@@ -150,3 +156,10 @@ def test_guest_cookies_on_the_origin_are_host_only() -> None:
 def test_the_origins_target_is_the_path_as_it_came() -> None:
     assert origin_target(b"/a%20b/c", "/a b/c", b"x=1&token=kept") == b"/a%20b/c?x=1&token=kept"
     assert origin_target(None, "/a b", b"") == b"/a%20b"
+
+
+def test_the_redirect_after_a_ticket_keeps_the_url_as_it_came() -> None:
+    query = b"a=1&corral_ticket=T0k&x=a%2Fb&flag&corral%5Fticket=again"
+    assert without_ticket(b"/app/a%20b%2Fc", query) == "/app/a%20b%2Fc?a=1&x=a%2Fb&flag"
+    assert without_ticket(b"/", b"corral_ticket=T") == "/"
+    assert without_ticket(b"/\xc3\xa9", b"") == "/%C3%A9"

@@ -12,7 +12,7 @@ guest's cookies made host-only.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, Request
@@ -24,7 +24,7 @@ from corral.api.deps import AppState, charge, client_key
 from corral.api.errors import error_response
 from corral.api.guest_http import Forward
 from corral.api.proxy_headers import origin_response_headers, origin_target
-from corral.api.proxy_tickets import COOKIE, TICKET_PARAM, cookie_usable, parse_origin_host
+from corral.api.proxy_tickets import COOKIE, TICKET_PARAM, cookie_usable, parse_origin_host, without_ticket
 from corral.api.routers.proxy import (
     RelayResponse,
     deny,
@@ -84,8 +84,7 @@ def _redeem(request: Request, st: AppState, ticket: str) -> Response:
         raise Unauthorized(
             "The ticket is unknown, used, expired or for another VM or port: ask for a new one"
         )
-    rest = [(k, v) for k, v in parse_qsl(request.url.query, keep_blank_values=True) if k != TICKET_PARAM]
-    location = request.url.path + ("?" + urlencode(rest) if rest else "")
+    location = without_ticket(request.scope.get("raw_path") or b"/", request.scope.get("query_string", b""))
     secure = "; Secure" if st.settings.proxy_scheme == "https" else ""
     cookie = f"{COOKIE}={session}; Path=/; Max-Age={int(tickets_of(st).session_ttl)}; HttpOnly; SameSite=Lax{secure}"
     return Response(status_code=303, headers={**NO_STORE, "Location": location, "Set-Cookie": cookie})

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
 
 from corral.domain.ids import Prefix, has_prefix
 
@@ -49,6 +50,16 @@ def parse_origin_host(host: str, domain: str) -> tuple[str, int] | None:
     if not has_prefix(vm_id, Prefix.VM):
         return None
     return vm_id, int(port_text)
+
+
+def without_ticket(raw_path: bytes, query: bytes) -> str:
+    """Where a ticket's request is redirected: the same path and query, as the client escaped them, without
+    the ticket parameter."""
+    kept = [
+        p for p in query.split(b"&") if p and unquote_to_bytes(p.split(b"=", 1)[0]) != TICKET_PARAM.encode()
+    ]
+    target = (raw_path or b"/") + (b"?" + b"&".join(kept) if kept else b"")
+    return "".join(chr(c) if 0x21 <= c <= 0x7E else f"%{c:02X}" for c in target)
 
 
 def cookie_usable(method: str, fetch_site: str | None, fetch_mode: str | None) -> bool:
