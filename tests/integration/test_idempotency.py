@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+import corral
 from tests.support import Account, Server, node_server, running_server, signup, wait_until
 from tests.vmtools import destroy, public_key, unique_name, wait_detail
 
@@ -189,3 +190,18 @@ def test_openapi_documents_the_header(api: Server) -> None:
         assert "Idempotency-Key" in [p["name"] for p in op["parameters"]], path
         assert {"409", "422"} <= set(op["responses"]), path
     assert "Idempotency-Key" not in str(spec["paths"]["/v1/vms/{vm_id}/exec"])
+
+
+def test_the_sdk_sends_its_key(node: Server) -> None:
+    alice = signup(node)
+    name, key = unique_name(), f"sdk-{secrets.token_hex(6)}"
+    with corral.Client(alice.token, node.url) as client:
+        first = client.vms.create(name=name, public_key=public_key(), idempotency_key=key)
+        again = client.vms.create(name=name, public_key=public_key(), idempotency_key=key)
+        assert again.id == first.id
+        with pytest.raises(corral.ConflictError):  # a new key: a new request, and the name is taken
+            client.vms.create(name=name, public_key=public_key())
+    assert [v["id"] for v in _vms(alice)] == [first.id]
+    wait_detail(alice.client, first.id)
+    destroy(alice.client, first.id)
+    alice.client.close()

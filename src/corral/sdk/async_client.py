@@ -67,7 +67,14 @@ class AsyncRunner:
                     finally:
                         await resp.aclose()
             except httpx.TransportError as exc:
-                delay = retry.after_error(call.method, exc, attempt, self.max_retries, call.replayable)
+                delay = retry.after_error(
+                    call.method,
+                    exc,
+                    attempt,
+                    self.max_retries,
+                    call.replayable,
+                    idempotent=call.idempotency_key is not None,
+                )
                 if delay is None:
                     raise APIConnectionError(f"{call.method} {call.path}: {exc!r}") from exc
             else:

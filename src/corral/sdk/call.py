@@ -50,6 +50,9 @@ class Call[T]:
     read_timeout: float | None = None  # None: the client's own timeout
     http_method: str | None = None  # for a route that takes any method (the proxy)
     raise_errors: bool = True  # False: an error status is an answer like any other (the proxy's guest)
+    # sent as Idempotency-Key: the server answers a repeat with the first answer, so the call may be sent
+    # again after a connection that broke once the request went out (a create is not made twice)
+    idempotency_key: str | None = None
 
     @property
     def method(self) -> str:

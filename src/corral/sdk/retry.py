@@ -28,13 +28,20 @@ def after_status(
 
 
 def after_error(
-    method: str, exc: httpx.TransportError, attempt: int, max_retries: int, replayable: bool = True
+    method: str,
+    exc: httpx.TransportError,
+    attempt: int,
+    max_retries: int,
+    replayable: bool = True,
+    *,
+    idempotent: bool = False,
 ) -> float | None:
-    """Seconds to wait before attempt ``attempt + 1`` after a transport error, or None: do not retry."""
+    """Seconds to wait before attempt ``attempt + 1`` after a transport error, or None: do not retry.
+    ``idempotent``: the request carries an Idempotency-Key, so a POST may be sent again as well."""
     if attempt >= max_retries or not replayable:
         return None
     never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
-    if not never_sent and method.upper() not in IDEMPOTENT:
+    if not never_sent and method.upper() not in IDEMPOTENT and not idempotent:
         return None
     if not isinstance(exc, httpx.NetworkError | httpx.TimeoutException | httpx.RemoteProtocolError):
         return None  # e.g. an unsupported protocol or a bad URL: the same again would fail the same way

@@ -66,7 +66,14 @@ class Runner:
                     finally:
                         resp.close()
             except httpx.TransportError as exc:
-                delay = retry.after_error(call.method, exc, attempt, self.max_retries, call.replayable)
+                delay = retry.after_error(
+                    call.method,
+                    exc,
+                    attempt,
+                    self.max_retries,
+                    call.replayable,
+                    idempotent=call.idempotency_key is not None,
+                )
                 if delay is None:
                     raise APIConnectionError(f"{call.method} {call.path}: {exc!r}") from exc
             else:

@@ -44,7 +44,10 @@ def uses[F: Callable[..., Any]](*builders: Callable[..., Call[Any]]) -> Callable
 
 
 def headers_for(call: Call[Any], authorization: Callable[[], str]) -> dict[str, str]:
-    return {"Authorization": authorization()} if call.auth else {}
+    out = {"Authorization": authorization()} if call.auth else {}
+    if call.idempotency_key is not None:
+        out["Idempotency-Key"] = call.idempotency_key
+    return out
 
 
 def proxy_url(config: Config, vm_id: str, port: int, path: str = "", *, websocket: bool = False) -> str:

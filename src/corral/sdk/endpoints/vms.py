@@ -3,6 +3,7 @@ SSH connection info."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 
 import httpx
@@ -43,10 +44,12 @@ def create(
     snapshot_id: str | None = None,
     egress: Mapping[str, object] | None = None,
     timeout: int | None = None,
+    idempotency_key: str | None = None,
 ) -> Call[Vm]:
     """Create a VM; it answers at once (``pending``, or ``ready`` from the warm pool). ``egress``:
     ``{"mode": "enforce"|"warn"|None, "rules": [{"host": ...} | {"cidr": ...}]}``. ``timeout``: seconds
-    until it is destroyed (reset with ``reset_timer``)."""
+    until it is destroyed (reset with ``reset_timer``). ``idempotency_key`` (default: a new random one per
+    call): the server creates one VM for it, so the call is sent again after a connection that broke."""
     json = body(
         name=name,
         public_key=public_key,
@@ -58,7 +61,7 @@ def create(
         egress=dict(egress) if egress is not None else None,
         timeout=timeout,
     )
-    return Call(CREATE, model(Vm), json=json)
+    return Call(CREATE, model(Vm), json=json, idempotency_key=idempotency_key or uuid.uuid4().hex)
 
 
 def list_vms(
