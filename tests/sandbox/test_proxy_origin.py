@@ -442,3 +442,29 @@ def test_corral_vm_open_prints_a_ticket_url(
     refused = cli(node, stranger, "open", a["id"], str(GUEST_PORT), cwd=tmp_path)
     assert refused.returncode != 0
     assert "vm_not_found" in refused.stderr or "not found" in refused.stderr.lower()
+
+
+def test_revoking_the_key_ends_its_proxy_sessions(
+    node: Server, owner: Account, vms: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    """A ticket and its cookie last no longer than the API key that asked for them."""
+    a, _ = vms
+    made = owner.client.post("/v1/api-keys", json={"name": "for-the-browser"})
+    assert made.status_code == 201, made.text
+    key = made.json()
+    with node.client(key["token"]) as c:
+        first = c.post(f"/v1/vms/{a['id']}/proxy-ticket", json={"port": GUEST_PORT, "path": "/echo?m=rev-1"})
+        second = c.post(f"/v1/vms/{a['id']}/proxy-ticket", json={"port": GUEST_PORT, "path": "/echo?m=rev-2"})
+    assert first.status_code == second.status_code == 201
+    origin = Origin(first.json()["url"])
+    try:
+        _, cookie = origin.open(first.json()["url"])
+        assert origin.get("/echo?m=rev-before", cookie=cookie).status_code == 200
+        assert owner.client.delete(f"/v1/api-keys/{key['id']}").status_code == 204
+        assert origin.get("/echo?m=rev-after", cookie=cookie).status_code == 401
+        unspent = urlsplit(second.json()["url"])
+        assert origin.get(f"{unspent.path}?{unspent.query}").status_code == 401
+    finally:
+        origin.close()
+    assert not entries(owner, a["id"], "m=rev-after")
+    assert not entries(owner, a["id"], "m=rev-2")

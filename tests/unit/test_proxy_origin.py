@@ -65,14 +65,14 @@ def test_host_names_that_name_no_vm_port(host: str) -> None:
 def test_a_ticket_opens_its_vm_and_port_once() -> None:
     clock = Clock()
     book = TicketBook(clock=clock)
-    ticket = book.issue("usr_a", "vm_a", 8080)
+    ticket = book.issue("usr_a", "key_a", "vm_a", 8080)
     session = book.redeem(ticket, "vm_a", 8080)
     assert session is not None
     assert session != ticket
     assert book.redeem(ticket, "vm_a", 8080) is None  # spent
     grant = book.session([session], "vm_a", 8080)
     assert grant is not None
-    assert grant.user_id == "usr_a"
+    assert (grant.user_id, grant.key_id) == ("usr_a", "key_a")
     assert book.session([session], "vm_a", 8081) is None  # another port
     assert book.session([session], "vm_b", 8080) is None  # another VM
     assert book.session([ticket], "vm_a", 8080) is None  # a ticket is not a session
@@ -84,7 +84,7 @@ def test_a_ticket_opens_its_vm_and_port_once() -> None:
 @pytest.mark.parametrize(("vm", "port"), [("vm_a", 8081), ("vm_b", 8080)])
 def test_a_ticket_for_another_vm_or_port_is_refused_and_spent(vm: str, port: int) -> None:
     book = TicketBook(clock=Clock())
-    ticket = book.issue("usr_a", "vm_a", 8080)
+    ticket = book.issue("usr_a", "key_a", "vm_a", 8080)
     assert book.redeem(ticket, vm, port) is None
     assert book.redeem(ticket, "vm_a", 8080) is None
 
@@ -92,7 +92,7 @@ def test_a_ticket_for_another_vm_or_port_is_refused_and_spent(vm: str, port: int
 def test_an_expired_ticket_is_refused() -> None:
     clock = Clock()
     book = TicketBook(clock=clock)
-    ticket = book.issue("usr_a", "vm_a", 8080)
+    ticket = book.issue("usr_a", "key_a", "vm_a", 8080)
     clock.now += book.ticket_ttl
     assert book.redeem(ticket, "vm_a", 8080) is None
 
@@ -100,7 +100,7 @@ def test_an_expired_ticket_is_refused() -> None:
 def test_the_book_stays_bounded() -> None:
     clock = Clock()
     book = TicketBook(clock=clock, max_entries=3)
-    tickets = [book.issue("usr_a", "vm_a", 1) for _ in range(5)]
+    tickets = [book.issue("usr_a", "key_a", "vm_a", 1) for _ in range(5)]
     assert book.redeem(tickets[0], "vm_a", 1) is None  # the oldest went first
     assert book.redeem(tickets[4], "vm_a", 1) is not None
 

@@ -34,6 +34,7 @@ from corral.api.routers.proxy import (
     tickets_of,
 )
 from corral.domain.errors import CorralError, NotFound, Unauthorized
+from corral.store.tables import ApiKey
 
 NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 
@@ -52,6 +53,14 @@ def _cookie_values(conn: HTTPConnection) -> list[str]:
     return values
 
 
+def _key_live(st: AppState, key_id: str) -> bool:
+    """Whether the API key a ticket was asked with is still valid (a revoked key ends its proxy sessions).
+    Blocking: one read, as the API's own authentication does per request."""
+    with (st.reads or st.sessions)() as session:
+        key = session.get(ApiKey, key_id)
+        return key is not None and key.revoked_at is None
+
+
 def _target(conn: HTTPConnection, st: AppState) -> tuple[str, int]:
     where = parse_origin_host(conn.headers.get("host", ""), st.settings.proxy_domain)
     if where is None:
@@ -67,7 +76,7 @@ def _open(conn: HTTPConnection, st: AppState, method: str) -> Forward:
     vm_id, port = _target(conn, st)
     usable = cookie_usable(method, conn.headers.get("sec-fetch-site"), conn.headers.get("sec-fetch-mode"))
     grant = tickets_of(st).session(_cookie_values(conn), vm_id, port) if usable else None
-    if grant is None:
+    if grant is None or not _key_live(st, grant.key_id):
         charge(st, st.anon_limiter, client_key(conn))
         raise Unauthorized(
             "Open this port with a URL from POST /v1/vms/{vm_id}/proxy-ticket (API keys are not accepted here)"
@@ -78,8 +87,10 @@ def _open(conn: HTTPConnection, st: AppState, method: str) -> Forward:
 def _redeem(request: Request, st: AppState, ticket: str) -> Response:
     """Spend the ticket for a cookie and send the browser to the same URL without it. Blocking (cheap)."""
     vm_id, port = _target(request, st)
-    session = tickets_of(st).redeem(ticket, vm_id, port)
-    if session is None:
+    book = tickets_of(st)
+    session = book.redeem(ticket, vm_id, port)
+    grant = book.session([session], vm_id, port) if session is not None else None
+    if session is None or grant is None or not _key_live(st, grant.key_id):
         charge(st, st.anon_limiter, client_key(request))
         raise Unauthorized(
             "The ticket is unknown, used, expired or for another VM or port: ask for a new one"

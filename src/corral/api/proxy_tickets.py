@@ -73,6 +73,7 @@ def cookie_usable(method: str, fetch_site: str | None, fetch_mode: str | None) -
 @dataclass(frozen=True)
 class Grant:
     user_id: str
+    key_id: str  # the API key the ticket was asked with: revoking it ends the grant
     vm_id: str
     port: int
     expires: float  # on the book's clock
@@ -97,11 +98,12 @@ class TicketBook:
         self._tickets: dict[str, Grant] = {}
         self._sessions: dict[str, Grant] = {}
 
-    def issue(self, user_id: str, vm_id: str, port: int) -> str:
-        """A new ticket for ``user_id``'s VM and port."""
+    def issue(self, user_id: str, key_id: str, vm_id: str, port: int) -> str:
+        """A new ticket for ``user_id``'s VM and port, asked for with the API key ``key_id``."""
         ticket = secrets.token_urlsafe(32)
+        expires = self._clock() + self.ticket_ttl
         with self._lock:
-            self._put(self._tickets, ticket, Grant(user_id, vm_id, port, self._clock() + self.ticket_ttl))
+            self._put(self._tickets, ticket, Grant(user_id, key_id, vm_id, port, expires))
         return ticket
 
     def redeem(self, ticket: str, vm_id: str, port: int) -> str | None:
@@ -113,7 +115,7 @@ class TicketBook:
                 return None
             session = secrets.token_urlsafe(32)
             expires = self._clock() + self.session_ttl
-            self._put(self._sessions, session, Grant(grant.user_id, vm_id, port, expires))
+            self._put(self._sessions, session, Grant(grant.user_id, grant.key_id, vm_id, port, expires))
         return session
 
     def session(self, values: Iterable[str], vm_id: str, port: int) -> Grant | None:

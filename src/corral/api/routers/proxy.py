@@ -276,7 +276,7 @@ def create_proxy_ticket(vm_id: VmId, body: ProxyTicketIn, who: PrincipalDep, st:
     start = _ticket_path(body.path)
     lifecycle_of(st).running_container(who.user_id, vm_id)  # the caller's VM (404 otherwise), running
     book = tickets_of(st)
-    ticket = book.issue(who.user_id, vm_id, body.port)
+    ticket = book.issue(who.user_id, who.key_id, vm_id, body.port)
     origin = origin_url(st, vm_id, body.port)
     return ProxyTicketOut(url=origin + start + ticket, origin=origin, expires_in=int(book.ticket_ttl))
 
