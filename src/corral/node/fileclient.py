@@ -59,6 +59,16 @@ class ForkServer:
         self._control = ours
         return ours
 
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def ensure(self) -> None:
+        """Start the fork server now if it does not run (a process start: call it off the event loop)."""
+        with self._lock:
+            if self._control is None or not self.running():
+                self.close_locked()
+                self._start()
+
     def spawn(self, userns: int, root: int) -> socket.socket:
         """A session socket to a new worker for the sandbox whose namespace and root these fds are."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -155,6 +165,8 @@ class AsyncSession:
     @classmethod
     async def start(cls, files: SandboxFiles, deadline_s: float = DEFAULT_TIMEOUT_S) -> AsyncSession:
         """A worker for ``files``' sandbox, ready (``FileError`` ``not_running`` when it is gone)."""
+        if not _SERVER.running():  # the first session (or after the fork server ended): start it in a thread
+            await asyncio.get_running_loop().run_in_executor(None, _SERVER.ensure)
         session = cls(_spawn(files), deadline_s)
         try:
             await session._begin()
