@@ -37,6 +37,8 @@ BOB_SECRET_VALUE = "ghp_BobsOwnSecretValue0123456789abcdef"
 # Strings only bob's objects contain: no response to alice may contain any of them.
 BOB_MARKERS = ("bob-secret", "BOB_ONLY_TOKEN", "bob-only.example.com", "bob env value", "bob-rule")
 TS = "2026-02-28T12:00:00+00:00"
+# written by any authenticated request, at most once a minute per key (GET /v1/api-keys shows it)
+BOOKKEEPING = {("api_keys", "last_used_at")}
 NO_BODY: Any = object()
 
 
@@ -73,11 +75,16 @@ class World:
         return value
 
     def db_state(self) -> dict[str, list[tuple[Any, ...]]]:
-        """Every row of every table."""
+        """Every row of every table (but the bookkeeping any request with a key may write: its last use)."""
         with self.engine.connect() as conn:
             return {
                 table.name: [
-                    tuple(row) for row in conn.execute(select(table).order_by(*table.primary_key.columns))
+                    tuple(row)
+                    for row in conn.execute(
+                        select(
+                            *(c for c in table.columns if (table.name, c.name) not in BOOKKEEPING)
+                        ).order_by(*table.primary_key.columns)
+                    )
                 ]
                 for table in Base.metadata.sorted_tables
             }
