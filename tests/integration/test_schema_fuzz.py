@@ -243,6 +243,19 @@ def load_spec(server: Server) -> dict[str, Any]:
     return spec
 
 
+def without_idempotency_keys(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` without the optional ``Idempotency-Key`` header. The fuzzer sends the few values it generates
+    again and again, and a key sent again replays the first answer by design (a resource the run may have
+    deleted since), which the stateful checks would take for a create that did not happen. The header has its
+    own tests (tests/integration/test_idempotency.py)."""
+    spec = copy.deepcopy(spec)
+    for item in spec["paths"].values():
+        for op in item.values():
+            if isinstance(op, dict) and "parameters" in op:
+                op["parameters"] = [p for p in op["parameters"] if p.get("name") != "Idempotency-Key"]
+    return spec
+
+
 def operation_labels(spec: dict[str, Any]) -> set[str]:
     return {f"{method.upper()} {path}" for path, item in spec["paths"].items() for method in item}
 
@@ -265,8 +278,8 @@ def test_every_operation_conforms_to_the_schema(fuzz_server: Server, fuzz_accoun
     server, account = fuzz_server, fuzz_account
     expected = operation_labels(load_spec(server))
     config = schemathesis.Config.from_dict(fuzz_config(server, account.token))
-    # Loaded from the live server's URL, exactly as a client sees it.
-    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", config=config)
+    # The live server's description, as a client sees it, but for the Idempotency-Key header
+    schema = schemathesis.openapi.from_dict(without_idempotency_keys(load_spec(server)), config=config)
 
     report = run_fuzz(schema)
 
