@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import Account, Server, running_server, signup
+from tests.support import Account, Server, _serve, fresh_database, running_server, signup
 
 LOCK_S = 3
 
@@ -85,3 +85,17 @@ def test_password_change_counts_towards_the_lock(server: Server) -> None:
     assert "Retry-After" in locked.headers
     assert _activate(server, alice.email, alice.password).status_code == 429  # the same account lock
     alice.client.close()
+
+
+def test_the_lock_survives_a_restart(tmp_path: Path) -> None:
+    env = {"CORRAL_NODE": "off", "CORRAL_LOGIN_MAX_FAILURES": "2", "CORRAL_LOGIN_LOCKOUT_S": "600"}
+    with fresh_database(tmp_path) as url:
+        with _serve(tmp_path, tmp_path / "data", url, env) as first:
+            alice = signup(first)
+            statuses = [_activate(first, alice.email, "wrong-guess").status_code for _ in range(3)]
+            assert statuses == [401, 401, 429]
+            alice.client.close()
+        with _serve(tmp_path, tmp_path / "data", url, env) as second:
+            locked = _activate(second, alice.email, alice.password, _device_code(second))
+            assert locked.status_code == 429
+            assert int(locked.headers["Retry-After"]) > 500
