@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete
+from sqlalchemy import delete, or_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -40,6 +40,7 @@ def _wait(until: datetime, now: datetime) -> int:
 def attempt(session: Session, now: datetime, email: str, policy: LockoutPolicy) -> int:
     """Count one password attempt for ``email``: 0 to go ahead, else the seconds until it may try again."""
     key = name_hash(email)
+    _forget_stale(session, now, policy)
     for _ in range(2):  # a concurrent first attempt for the same name: the second pass finds its row
         row = session.get(LoginFailures, key, with_for_update=True)
         if row is None:
@@ -62,6 +63,16 @@ def attempt(session: Session, now: datetime, email: str, policy: LockoutPolicy) 
         session.flush()
         return 0
     raise RuntimeError("login attempt count did not converge")
+
+
+def _forget_stale(session: Session, now: datetime, policy: LockoutPolicy) -> None:
+    """Counts whose window and lock are over hold nothing: gone, so guessed names do not pile up."""
+    session.execute(
+        delete(LoginFailures).where(
+            LoginFailures.window_start <= now - policy.window,
+            or_(LoginFailures.locked_until.is_(None), LoginFailures.locked_until <= now),
+        )
+    )
 
 
 def succeeded(session: Session, email: str) -> None:
