@@ -190,6 +190,7 @@ class _CommandServer:
         self.listener.listen(1)
         self.out, self.hang = out, hang
         self.request = b""
+        self.blocking: bool | None = None
         self.host_closed = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -200,6 +201,7 @@ class _CommandServer:
             msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 2)
             self.request = msg
             stdout, stderr = fds
+            self.blocking = os.get_blocking(stdout) and os.get_blocking(stderr)
             os.write(stdout, self.out)
             os.write(stderr, b"warn\n")
             conn.sendall(b"pid 42\n")
@@ -237,6 +239,22 @@ def test_awaited_exec_reads_output_and_exit(tmp_path: Path) -> None:
     last = events[-1]
     assert isinstance(last, Exit)
     assert (last.exit_code, last.timed_out) == (3, False)
+
+
+def test_awaited_exec_gives_the_command_blocking_pipes_and_reads_a_big_output(tmp_path: Path) -> None:
+    """A command's stdout must block when the pipe is full: a non-blocking one gets EAGAIN after 64 KiB and
+    the output is cut (as `head -c 1M /dev/zero | tr` was)."""
+    server = _CommandServer(tmp_path / "agent.sock", b"a" * (1 << 20))
+
+    async def scenario() -> int:
+        events = run_via_agent_async(tmp_path / "agent.sock", ["big"], env={}, cwd="/", user=None, timeout=10)
+        return sum([len(e.data) async for e in events if isinstance(e, Output) and e.stream == "stdout"])
+
+    try:
+        assert asyncio.run(scenario()) == 1 << 20
+    finally:
+        server.close()
+    assert server.blocking is True
 
 
 def test_awaited_exec_that_is_abandoned_hangs_up_and_kills_the_session(tmp_path: Path) -> None:

@@ -151,8 +151,12 @@ async def run_via_agent_async(
     start = time.monotonic()
     request = encode_request(args, env, cwd, *parse_user(user))
     conn = await connect_async(sock_path, request)
-    out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    # the command's ends stay blocking (a command writing to a non-blocking pipe gets EAGAIN once it is full):
+    # only ours are made non-blocking
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(out_r, False)
+    os.set_blocking(err_r, False)
     status: int | None = None
     inner_pid: int | None = None
     timed_out = False
