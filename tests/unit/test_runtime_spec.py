@@ -7,7 +7,16 @@ import json
 import pytest
 
 from corral.runtime.argv import RuntimeCli
-from corral.runtime.spec import CAPABILITIES, MIB, IdRange, Limits, Runtime, SandboxSpec, build_config
+from corral.runtime.spec import (
+    CAPABILITIES,
+    DEVICE_NUMBERS,
+    MIB,
+    IdRange,
+    Limits,
+    Runtime,
+    SandboxSpec,
+    build_config,
+)
 
 
 def spec(runtime: Runtime = Runtime.CRUN, **env: str) -> SandboxSpec:
@@ -21,6 +30,7 @@ def spec(runtime: Runtime = Runtime.CRUN, **env: str) -> SandboxSpec:
         env=env,
         runtime=runtime,
         annotations={"corral.vm_id": "vm_abc"},
+        devices_dir="/var/lib/corral/vms/vm_abc/dev",
     )
 
 
@@ -66,15 +76,37 @@ def test_cgroup_limits(vcpus: float, quota: int) -> None:
     assert resources["pids"] == {"limit": 256}
 
 
-def test_crun_binds_devices_and_runc_declares_them() -> None:
-    crun = build_config(spec(Runtime.CRUN))
-    runc = build_config(spec(Runtime.RUNC))
-    crun_binds = {m["destination"] for m in crun["mounts"] if m["type"] == "bind"}
-    assert crun_binds == {f"/dev/{d}" for d in ("null", "zero", "full", "tty", "random", "urandom")}
-    assert crun["linux"]["devices"] == []
-    assert not [m for m in runc["mounts"] if m["type"] == "bind"]
-    assert {d["path"] for d in runc["linux"]["devices"]} == crun_binds
-    assert next(d for d in runc["linux"]["devices"] if d["path"] == "/dev/null")["major"] == 1
+def test_crun_gets_the_sandboxs_own_dev_never_the_hosts_nodes() -> None:
+    config = build_config(spec(Runtime.CRUN))
+    binds = {m["destination"]: m["source"] for m in config["mounts"] if m["type"] == "bind"}
+    # /dev itself is a bind of the node's directory (so crun neither makes nor binds device nodes)
+    assert binds == {"/dev": "/var/lib/corral/vms/vm_abc/dev"}
+    assert config["linux"]["devices"] == []
+    points = [m["destination"] for m in config["mounts"]]
+    assert points.index("/dev") < min(points.index(p) for p in ("/dev/pts", "/dev/shm", "/dev/mqueue"))
+    for missing in ("", "relative/dev"):
+        with pytest.raises(ValueError, match="device nodes"):
+            build_config(SandboxSpec(**{**spec().__dict__, "devices_dir": missing}))
+
+
+def test_runc_makes_its_dev_from_the_declared_devices() -> None:
+    config = build_config(spec(Runtime.RUNC))
+    assert not [m for m in config["mounts"] if m["type"] == "bind"]
+    assert next(m for m in config["mounts"] if m["destination"] == "/dev")["type"] == "tmpfs"
+    devices = {d["path"]: (d["major"], d["minor"]) for d in config["linux"]["devices"]}
+    assert devices == {f"/dev/{d}": n for d, n in DEVICE_NUMBERS.items()}
+    assert build_config(SandboxSpec(**{**spec(Runtime.RUNC).__dict__, "devices_dir": ""}))  # not needed
+
+
+def test_the_devices_cgroup_allows_the_standard_nodes_only() -> None:
+    rules = build_config(spec())["linux"]["resources"]["devices"]
+    assert rules[0] == {"allow": False, "access": "rwm"}
+    assert {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rwm"} in rules
+    assert {(r["major"], r.get("minor")) for r in rules[1:]} == {
+        *DEVICE_NUMBERS.values(),
+        (5, 2),
+        (136, None),
+    }
 
 
 def test_environment_defaults_and_overrides() -> None:

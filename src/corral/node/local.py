@@ -30,9 +30,10 @@ from corral.node import agent as agent_binary
 from corral.node import executors, interactive
 from corral.node.agent.client import run_via_agent, run_via_agent_async
 from corral.node.execution import Event, run_streaming
+from corral.node.fileclient import end_file_access
 from corral.node.files import FileError, SandboxFiles
 from corral.node.interactive import Pty, Session
-from corral.runtime import cgroups, rootfs
+from corral.runtime import cgroups, devnodes, rootfs
 from corral.runtime import disk as diskpool
 from corral.runtime.argv import RuntimeCli
 from corral.runtime.disk import DiskPool
@@ -45,6 +46,7 @@ from corral.runtime.spec import DEFAULT_PATH, IdRange, Limits, Runtime, SandboxS
 log = logging.getLogger(__name__)
 
 INIT_PATH = "/.corral/init"
+DEVICES_DIR = "dev"  # in a bundle: the sandbox's /dev with its own device nodes (``devnodes``)
 GIB = 1024**3
 
 
@@ -339,11 +341,14 @@ class LocalNode:
 
     def mount_root(self, cid: str, image: Image, volume: Path) -> tuple[Path, str, bool]:
         """The sandbox's bundle directory, with its root (the image's layers under ``volume``) mounted at
-        ``rootfs``; returns the bundle and ``init()``'s answer."""
+        ``rootfs`` and (crun) its own /dev with its own device nodes in ``dev``, for a boot and a restore
+        alike; returns the bundle and ``init()``'s answer."""
         bundle = self.bundles / cid
         bundle.mkdir(mode=0o711, exist_ok=True)
         init_binary, agent = self.init()
         rootfs.mount_overlay(image.lowers_top_first, volume, bundle / "rootfs", root_uid=self.root_uid())
+        if self.config.runtime is Runtime.CRUN:  # runc makes its own /dev (``spec``)
+            devnodes.make_devices(bundle / DEVICES_DIR, self.root_uid())
         return bundle, init_binary, agent
 
     def write_config(
@@ -363,6 +368,7 @@ class LocalNode:
             seccomp=default_profile(),
             binds=((init_binary, INIT_PATH),),
             annotations={"run.corral.node": self.node_id},
+            devices_dir=str(bundle / DEVICES_DIR),
         )
         (bundle / "config.json").write_text(json.dumps(build_config(spec)))
 
@@ -548,8 +554,11 @@ class LocalNode:
             time.sleep(0.005)
 
     def stop(self, cid: str) -> None:
-        """Kill every process, remove the container, its network link, mounts and cgroups; keep the disk."""
+        """Kill every process, remove the container, its network link, mounts and cgroups; keep the disk. Its
+        file workers and SFTP sessions end first, and again once the init is gone (one started meanwhile)."""
+        end_file_access(cid)
         self.runtime.delete(cid)
+        end_file_access(cid)
         if self.gateway is not None:
             self.gateway.release(cid)
         bundle = self.bundles / cid
@@ -593,7 +602,7 @@ class LocalNode:
         pid = self.pid(cid)
         if pid is None:
             raise NodeError("the sandbox is not running")
-        return SandboxFiles(pid, self.config.id_base, self.config.id_base)
+        return SandboxFiles(pid, self.config.id_base, self.config.id_base, cid=cid)
 
     def sandbox_pids(self, cid: str) -> set[int]:
         return cgroups.procs(self.cgroup_parent, cid)

@@ -50,11 +50,15 @@ MASKED_PATHS = (
 
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
-# The device nodes every sandbox has. In a user namespace they cannot be created with mknod, so they are
-# bind-mounted from the host: crun needs them listed as bind mounts (or a checkpoint fails: "./dev/urandom
-# doesn't have a proper root mount"); runc does the binding itself from linux.devices, and breaks on the mounts.
+# The device nodes every sandbox has. In a user namespace they cannot be created with mknod, and the runtimes
+# then bind the HOST's nodes (crun always does for these six, whatever the config lists). With crun the
+# sandbox's /dev is therefore a bind mount of a directory the node filled with nodes of the sandbox's own
+# (``devnodes``): with /dev a bind mount, crun makes no devices. runc keeps the /dev it makes (a tmpfs, the
+# host's nodes bound from linux.devices): only then does it reopen its init's stdio on the sandbox's
+# /dev/null, without which CRIU cannot checkpoint the init (its stdio would be the node's null, a file
+# outside the sandbox's mounts). The numbers are also the devices cgroup's rules.
 DEVICES = ("null", "zero", "full", "tty", "random", "urandom")
-_DEVICE_NUMBERS = {
+DEVICE_NUMBERS = {
     "null": (1, 3),
     "zero": (1, 5),
     "full": (1, 7),
@@ -107,21 +111,33 @@ class SandboxSpec:
     annotations: Mapping[str, str] = field(default_factory=dict)
     seccomp: Mapping[str, Any] | None = None  # the OCI linux.seccomp object
     binds: tuple[tuple[str, str], ...] = ()  # (host file, path inside), mounted read-only
+    # the host directory that is the sandbox's /dev, with its own device nodes (``devnodes.make_devices``);
+    # required with crun, unused with runc
+    devices_dir: str = ""
 
 
 def _id_map(ids: IdRange) -> list[dict[str, int]]:
     return [{"containerID": 0, "hostID": ids.host_start, "size": ids.size}]
 
 
-def _mounts(runtime: Runtime) -> list[dict[str, Any]]:
-    mounts: list[dict[str, Any]] = [
-        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
-        {
+def _dev_mount(runtime: Runtime, devices_dir: str) -> dict[str, Any]:
+    if runtime is Runtime.RUNC:
+        return {
             "destination": "/dev",
             "type": "tmpfs",
             "source": "tmpfs",
             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
-        },
+        }
+    if not devices_dir.startswith("/"):
+        raise ValueError("a crun sandbox needs its own device nodes: devices_dir (an absolute path)")
+    # the sandbox's own /dev (its device nodes, never the host's): a bind, so crun makes none
+    return {"destination": "/dev", "type": "bind", "source": devices_dir, "options": ["bind", "rw", "nosuid"]}
+
+
+def _mounts(runtime: Runtime, devices_dir: str) -> list[dict[str, Any]]:
+    return [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        _dev_mount(runtime, devices_dir),
         {
             "destination": "/dev/pts",
             "type": "devpts",
@@ -147,23 +163,17 @@ def _mounts(runtime: Runtime) -> list[dict[str, Any]]:
             "options": ["nosuid", "noexec", "nodev", "ro"],
         },
     ]
-    if runtime is Runtime.CRUN:
-        mounts += [
-            {"destination": f"/dev/{dev}", "type": "bind", "source": f"/dev/{dev}", "options": ["bind", "rw"]}
-            for dev in DEVICES
-        ]
-    return mounts
 
 
 def _devices(runtime: Runtime) -> list[dict[str, Any]]:
     if runtime is Runtime.CRUN:
-        return []
+        return []  # /dev is the node's (``devices_dir``)
     return [
         {
             "path": f"/dev/{dev}",
             "type": "c",
-            "major": _DEVICE_NUMBERS[dev][0],
-            "minor": _DEVICE_NUMBERS[dev][1],
+            "major": DEVICE_NUMBERS[dev][0],
+            "minor": DEVICE_NUMBERS[dev][1],
             "fileMode": 0o666,
             "uid": 0,
             "gid": 0,
@@ -176,7 +186,7 @@ def _device_rules() -> list[dict[str, Any]]:
     """The devices cgroup: nothing but the standard nodes and pseudo-terminals (runc needs this list on a v1
     host, or it cannot reopen /dev/null inside the sandbox)."""
     rules: list[dict[str, Any]] = [{"allow": False, "access": "rwm"}]
-    for major, minor in (*_DEVICE_NUMBERS.values(), (5, 2)):
+    for major, minor in (*DEVICE_NUMBERS.values(), (5, 2)):
         rules.append({"allow": True, "type": "c", "major": major, "minor": minor, "access": "rwm"})
     rules.append({"allow": True, "type": "c", "major": 136, "access": "rwm"})  # /dev/pts/*
     return rules
@@ -202,7 +212,7 @@ def build_config(spec: SandboxSpec) -> dict[str, Any]:
         "root": {"path": spec.rootfs, "readonly": False},
         "hostname": spec.hostname,
         "mounts": [
-            *_mounts(spec.runtime),
+            *_mounts(spec.runtime, spec.devices_dir),
             *(
                 {
                     "destination": dest,
