@@ -3,7 +3,15 @@ if it ends, and sessions with one worker each, asyncio (``AsyncSession``: the AP
 held while a worker works) or blocking with a timeout (``SyncSession``: for code already in a thread).
 
 Every call has a deadline; a worker that misses it is killed through its pidfd and the session is over. A
-read that blocks in the kernel then costs one killable process, never a server thread or the event loop."""
+read that blocks in the kernel then costs one killable process, never a server thread or the event loop.
+
+Every session is tracked by the container id of its sandbox (``SandboxFiles.cid``): ``end_file_access(cid)``,
+called by the node before it tears a sandbox down (stop, destroy, hibernate, the end of a restore or
+rollback), kills each of its workers and tells each watcher (an SFTP session) to end, so nothing keeps a
+destroyed VM's disk open or writable.
+
+The fork server starts with a scrubbed environment (``worker_env``): a worker never holds the server's
+settings or secrets (``CORRAL_DATABASE_URL``)."""
 
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +42,114 @@ class WorkerUnavailable(FileError):
         super().__init__("busy", message)
 
 
+_ENV_KEPT = ("PATH", "LANG", "LC_ALL", "TZ")
+
+
+def worker_env(environ: dict[str, str]) -> dict[str, str]:
+    """The fork server's environment: only what Python needs to run it (no ``CORRAL_*`` setting, no secret)."""
+    env = {name: environ[name] for name in _ENV_KEPT if name in environ}
+    package_parent = str(Path(corral.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = package_parent
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+class _Tracked:
+    """What ``end_file_access`` can end: a session's worker (by its pidfd) and its socket. Its pidfd and socket
+    are set, and closed, only under the registry's lock, so an end never acts on a closed or reused fd."""
+
+    def __init__(self, cid: str) -> None:
+        self.cid = cid
+        self.ended = False
+        self._pidfd = -1
+        self._tracked_sock: socket.socket | None = None
+
+    def end_locked(self) -> None:
+        self.ended = True
+        if self._pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        if self._tracked_sock is not None:
+            with contextlib.suppress(OSError):
+                self._tracked_sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Registry:
+    """The live sessions and the SFTP watchers of each sandbox, by container id (thread-safe: the API's loop,
+    the SSH gateway's loop and the node's threads all use it)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._sessions: dict[str, set[_Tracked]] = {}
+        self._watchers: dict[str, dict[int, Callable[[], None]]] = {}
+        self._next = 0
+
+    def add(self, item: _Tracked) -> None:
+        with self.lock:
+            self._sessions.setdefault(item.cid, set()).add(item)
+
+    def remove(self, item: _Tracked) -> None:
+        """Forget ``item`` (under the lock: the caller then closes its fds)."""
+        held = self._sessions.get(item.cid)
+        if held is not None:
+            held.discard(item)
+            if not held:
+                del self._sessions[item.cid]
+
+    def watch(self, cid: str, on_end: Callable[[], None]) -> Callable[[], None]:
+        with self.lock:
+            self._next += 1
+            number = self._next
+            self._watchers.setdefault(cid, {})[number] = on_end
+
+        def unwatch() -> None:
+            with self.lock:
+                held = self._watchers.get(cid)
+                if held is not None:
+                    held.pop(number, None)
+                    if not held:
+                        del self._watchers[cid]
+
+        return unwatch
+
+    def end(self, cid: str) -> int:
+        with self.lock:
+            sessions = self._sessions.pop(cid, set())
+            watchers = list(self._watchers.pop(cid, {}).values())
+            for item in sessions:
+                item.end_locked()
+        for on_end in watchers:
+            with contextlib.suppress(Exception):
+                on_end()
+        return len(sessions) + len(watchers)
+
+    def count(self, cid: str) -> int:
+        with self.lock:
+            return len(self._sessions.get(cid, ())) + len(self._watchers.get(cid, {}))
+
+
+_REGISTRY = _Registry()
+
+
+def end_file_access(cid: str) -> int:
+    """End every file worker and SFTP session of sandbox ``cid`` (the node calls it before, and again right
+    after, it ends the sandbox's init). Returns how many were ended."""
+    if not cid:
+        return 0
+    return _REGISTRY.end(cid)
+
+
+def watch_file_access(cid: str, on_end: Callable[[], None]) -> Callable[[], None]:
+    """Call ``on_end`` (from any thread) when the file access of ``cid`` ends; returns the way to stop
+    watching."""
+    return _REGISTRY.watch(cid, on_end)
+
+
+def file_access_count(cid: str) -> int:
+    """Live sessions and watchers of ``cid`` (for tests and diagnostics)."""
+    return _REGISTRY.count(cid)
+
+
 class ForkServer:
     """``python -m corral.node.fileworker``, started on first use (and again if it ended)."""
 
@@ -44,9 +160,7 @@ class ForkServer:
 
     def _start(self) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ)
-        package_parent = str(Path(corral.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+        env = worker_env(dict(os.environ))
         with theirs:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "corral.node.fileworker"],
@@ -117,13 +231,44 @@ def fork_server() -> ForkServer:
     return _SERVER
 
 
-def _spawn(files: SandboxFiles) -> socket.socket:
-    userns, root = files.worker_fds()
+def _spawn(files: SandboxFiles, owner: _Tracked) -> socket.socket:
+    """A worker's session socket, ``owner`` tracked under ``files.cid`` from before the sandbox's fds are
+    opened (an end meanwhile is seen: ``not_running``)."""
+    _REGISTRY.add(owner)
     try:
-        return _SERVER.spawn(userns, root)
-    finally:
-        os.close(userns)
-        os.close(root)
+        userns, root = files.worker_fds()
+        try:
+            sock = _SERVER.spawn(userns, root)
+        finally:
+            os.close(userns)
+            os.close(root)
+        with _REGISTRY.lock:
+            if not owner.ended:
+                owner._tracked_sock = sock
+                return sock
+        sock.close()
+        raise FileError("not_running", "the sandbox is not running")
+    except BaseException:
+        _untrack(owner)
+        raise
+
+
+def _untrack(owner: _Tracked) -> None:
+    """Forget ``owner`` and close its pidfd (its socket is closed by its owner, after this)."""
+    with _REGISTRY.lock:
+        _REGISTRY.remove(owner)
+        owner._tracked_sock = None
+        if owner._pidfd >= 0:
+            os.close(owner._pidfd)
+            owner._pidfd = -1
+
+
+def _adopt(owner: _Tracked, pidfd: int) -> None:
+    """Keep the worker's pidfd; a worker whose sandbox ended meanwhile is killed at once."""
+    with _REGISTRY.lock:
+        owner._pidfd = pidfd
+        if owner.ended:
+            owner.end_locked()
 
 
 def _reply(header: dict[str, Any]) -> dict[str, Any]:
@@ -148,14 +293,14 @@ def _wake(ready: asyncio.Future[None]) -> None:
         ready.set_result(None)
 
 
-class AsyncSession:
+class AsyncSession(_Tracked):
     """One worker, driven from the event loop; one call at a time (callers queue)."""
 
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
-        self._sock = sock
+    def __init__(self, files: SandboxFiles, timeout: float) -> None:
+        super().__init__(files.cid)
+        self._sock = _spawn(files, self)
         self.timeout = timeout
         self.pid = 0
-        self._pidfd = -1
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
@@ -167,7 +312,7 @@ class AsyncSession:
         """A worker for ``files``' sandbox, ready (``FileError`` ``not_running`` when it is gone)."""
         if not _SERVER.running():  # the first session (or after the fork server ended): start it in a thread
             await asyncio.get_running_loop().run_in_executor(None, _SERVER.ensure)
-        session = cls(_spawn(files), deadline_s)
+        session = cls(files, deadline_s)
         try:
             await session._begin()
         except BaseException:
@@ -190,22 +335,26 @@ class AsyncSession:
                         await ready
                     finally:
                         loop.remove_reader(self._sock.fileno())
-        self.pid, self._pidfd = _hello(data, fds)
+        self.pid, pidfd = _hello(data, fds)
+        _adopt(self, pidfd)
+        if self.ended:
+            raise FileError("not_running", "the sandbox is not running")
         self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
 
     def kill(self) -> None:
         """End the worker now (it may be blocked in the kernel); the session is over."""
         self._dead = True
-        if self._pidfd >= 0:
-            with contextlib.suppress(ProcessLookupError, OSError):
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        with _REGISTRY.lock:
+            if self._pidfd >= 0:
+                with contextlib.suppress(ProcessLookupError, OSError):
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
     async def call(
         self, header: dict[str, Any], data: bytes = b"", *, deadline_s: float | None = None
     ) -> tuple[dict[str, Any], bytes]:
         """Send a request; its reply (an ``OSError`` or ``FileError`` for a failure the worker reports)."""
         async with self._lock:
-            if self._dead or self._reader is None or self._writer is None:
+            if self._dead or self.ended or self._reader is None or self._writer is None:
                 raise WorkerUnavailable("the file session has ended")
             self._busy = True
             try:
@@ -220,8 +369,10 @@ class AsyncSession:
             except TimeoutError:
                 self.kill()
                 raise WorkerUnavailable(f"the sandbox did not answer {header.get('op')} in time") from None
-            except (asyncio.IncompleteReadError, ConnectionError, fileproto.ProtocolError):
+            except (asyncio.IncompleteReadError, ConnectionError, OSError, fileproto.ProtocolError):
                 self.kill()
+                if self.ended:
+                    raise FileError("not_running", "the sandbox is not running") from None
                 raise WorkerUnavailable("the file session ended") from None
             except BaseException:
                 self.kill()  # cancelled mid-frame: the stream is out of step
@@ -236,37 +387,39 @@ class AsyncSession:
         if self._busy:
             self.kill()
         self._dead = True
+        _untrack(self)
         if self._writer is not None:
             self._writer.close()
         else:
             self._sock.close()
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
 
 
-class SyncSession:
+class SyncSession(_Tracked):
     """One worker driven by a thread (blocking calls, each with the deadline)."""
 
     def __init__(self, files: SandboxFiles, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        super().__init__(files.cid)
         self.timeout = timeout
-        self._sock = _spawn(files)
-        self._pidfd = -1
+        self._sock = _spawn(files, self)
         try:
             self._sock.settimeout(timeout)
             data, fds, _flags, _addr = socket.recv_fds(self._sock, _HELLO.size, 1)
-            self.pid, self._pidfd = _hello(data, fds)
+            self.pid, pidfd = _hello(data, fds)
+            _adopt(self, pidfd)
+            if self.ended:
+                raise FileError("not_running", "the sandbox is not running")
         except TimeoutError:
-            self._sock.close()
+            self.close()
             raise WorkerUnavailable("the file worker did not start in time") from None
         except BaseException:
-            self._sock.close()
+            self.close()
             raise
 
     def kill(self) -> None:
-        if self._pidfd >= 0:
-            with contextlib.suppress(ProcessLookupError, OSError):
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        with _REGISTRY.lock:
+            if self._pidfd >= 0:
+                with contextlib.suppress(ProcessLookupError, OSError):
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
     def call(self, header: dict[str, Any], data: bytes = b"") -> tuple[dict[str, Any], bytes]:
         try:
@@ -277,8 +430,10 @@ class SyncSession:
         except TimeoutError:
             self.kill()
             raise WorkerUnavailable(f"the sandbox did not answer {header.get('op')} in time") from None
-        except (ConnectionError, fileproto.ProtocolError, EOFError):
+        except (ConnectionError, OSError, fileproto.ProtocolError, EOFError):
             self.kill()
+            if self.ended:
+                raise FileError("not_running", "the sandbox is not running") from None
             raise WorkerUnavailable("the file session ended") from None
         return _reply(fileproto.decode_header(text)), payload
 
@@ -292,10 +447,8 @@ class SyncSession:
         return bytes(buf)
 
     def close(self) -> None:
+        _untrack(self)
         self._sock.close()
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
 
 
 @contextlib.contextmanager

@@ -148,6 +148,7 @@ class SandboxFiles:
     root_dir: str | None = None
     confined: bool = False  # True in a file worker: the process already has the sandbox root's credentials
     filesystems: frozenset[int] = SANDBOX_FILESYSTEMS  # where reads, writes and attribute changes are allowed
+    cid: str = ""  # the sandbox's container id: its file workers are ended with it (``end_file_access``)
 
     @classmethod
     def at(cls, root_dir: str, uid: int, gid: int) -> SandboxFiles:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from corral.net.gateway import NetworkError
 from corral.node.agent.client import AgentUnavailable, detach_agent
-from corral.node.fileclient import sync_session, write_file
+from corral.node.fileclient import end_file_access, sync_session, write_file
 from corral.node.files import FileError, SandboxFiles
 from corral.node.local import AGENT_SOCKET, INIT_PATH, LocalNode, NodeError, Resources, listening
 from corral.runtime import freezer
@@ -188,6 +188,8 @@ class NodeState:
         cap.path.mkdir(mode=0o755)
         cap = Capture(cap.path, cid=cid, pid=pid)
         detached = frozen = False
+        if not leave_running:
+            end_file_access(cid)  # a hibernate: no file worker writes past the captured disk
         try:
             if memory:
                 with steps("detach"):

@@ -22,7 +22,7 @@ import asyncssh
 
 from corral.domain.bulkhead import Bulkhead, Scope
 from corral.node import fileproto
-from corral.node.fileclient import AsyncSession
+from corral.node.fileclient import AsyncSession, watch_file_access
 from corral.node.files import AttrChange, FileError, SandboxFiles
 
 HOME = "/root"
@@ -220,7 +220,14 @@ class SandboxSFTP(asyncssh.SFTPServer):
         self._closed = False
         self._refused: str | None = None
         self._slot: tuple[Bulkhead, list[Scope]] | None = None
+        self._exited = False
         self._take_slot(chan)
+        loop = asyncio.get_running_loop()
+
+        def on_end() -> None:
+            loop.call_soon_threadsafe(self.end)
+
+        self._unwatch = watch_file_access(files.cid, on_end)
 
     def _take_slot(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         """An SFTP session counts as one of the SSH sessions of its account and VM (the gateway's session
@@ -427,9 +434,23 @@ class SandboxSFTP(asyncssh.SFTPServer):
     def realpath(self, path: bytes) -> bytes:
         return lexical_realpath(path)
 
+    def end(self) -> None:
+        """The sandbox is going away (stop, destroy, hibernate...): the session closes now, its worker is
+        already killed (``end_file_access``)."""
+        if not self._exited:
+            self._release()
+            self.channel.exit(1)
+
     def exit(self) -> None:
         """End the subsystem with exit status 0, as sshd reports its sftp-server's (OpenSSH's scp fails
         a transfer whose channel closes without one); the worker ends with the session."""
+        if not self._exited:
+            self._release()
+            self.channel.exit(0)
+
+    def _release(self) -> None:
+        self._exited = True
+        self._unwatch()
         self._closed = True
         if self._session is not None:
             self._session.close()
@@ -437,6 +458,5 @@ class SandboxSFTP(asyncssh.SFTPServer):
         if self._slot is not None:
             self._slot[0].release(self._slot[1])
             self._slot = None
-        self.channel.exit(0)
         if self._on_exit is not None:
             self._on_exit()
