@@ -30,6 +30,7 @@ from corral.node import agent as agent_binary
 from corral.node import executors, interactive
 from corral.node.agent.client import run_via_agent, run_via_agent_async
 from corral.node.execution import Event, run_streaming
+from corral.node.fileclient import end_file_access
 from corral.node.files import FileError, SandboxFiles
 from corral.node.interactive import Pty, Session
 from corral.runtime import cgroups, devnodes, rootfs
@@ -553,8 +554,11 @@ class LocalNode:
             time.sleep(0.005)
 
     def stop(self, cid: str) -> None:
-        """Kill every process, remove the container, its network link, mounts and cgroups; keep the disk."""
+        """Kill every process, remove the container, its network link, mounts and cgroups; keep the disk. Its
+        file workers and SFTP sessions end first, and again once the init is gone (one started meanwhile)."""
+        end_file_access(cid)
         self.runtime.delete(cid)
+        end_file_access(cid)
         if self.gateway is not None:
             self.gateway.release(cid)
         bundle = self.bundles / cid
@@ -598,7 +602,7 @@ class LocalNode:
         pid = self.pid(cid)
         if pid is None:
             raise NodeError("the sandbox is not running")
-        return SandboxFiles(pid, self.config.id_base, self.config.id_base)
+        return SandboxFiles(pid, self.config.id_base, self.config.id_base, cid=cid)
 
     def sandbox_pids(self, cid: str) -> set[int]:
         return cgroups.procs(self.cgroup_parent, cid)
