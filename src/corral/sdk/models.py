@@ -253,9 +253,10 @@ class FileEntry(Model):
     mtime: datetime
 
 
-class FileList(Model):
+class FileList(Page[FileEntry]):
+    """One page of a directory's entries, by name (``iter_files`` goes through every page)."""
+
     path: str
-    data: list[FileEntry]
 
 
 class Upload(Model):

@@ -174,6 +174,7 @@ class Vms(Namespace):
     exec = _bind(vms.exec_command)
     upload = _bind(vms.upload)
     list_files = _bind(vms.list_files)
+    iter_files = _bind_iter(vms.list_files)
     ssh = _bind(vms.ssh)
     proxy_ticket = _bind(vms.proxy_ticket)
     hibernate = _bind(state.hibernate)

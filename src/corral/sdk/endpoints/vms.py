@@ -196,9 +196,13 @@ def download(vm_id: str, path: str) -> Call[httpx.Response]:
     return Call(DOWNLOAD, raw, path_values={"vm_id": vm_id}, params=params(path=path), stream=True)
 
 
-def list_files(vm_id: str, path: str = "/") -> Call[FileList]:
-    """The entries of a directory in the VM, by name."""
-    return Call(LIST_FILES, model(FileList), path_values={"vm_id": vm_id}, params=params(path=path))
+def list_files(
+    vm_id: str, path: str = "/", *, limit: int | None = None, cursor: str | None = None
+) -> Call[FileList]:
+    """One page of the entries of a directory in the VM, by name: ``limit`` entries (the server's default
+    1000, at most 10000), after ``cursor`` (a page's ``cursor``, with the same ``path``)."""
+    q = params(path=path, limit=limit, cursor=cursor)
+    return Call(LIST_FILES, model(FileList), path_values={"vm_id": vm_id}, params=q)
 
 
 def ssh(vm_id: str) -> Call[SshInfo]:
