@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import errno
 import os
 import signal
@@ -25,7 +26,15 @@ from starlette.requests import Request
 from corral.api.routers.files import RequestTimeout, _body, decode_list_cursor, encode_list_cursor, file_error
 from corral.domain.errors import InvalidCursor, TemporarilyUnavailable
 from corral.node import fileproto
-from corral.node.fileclient import AsyncSession, WorkerUnavailable, read_small, sync_session
+from corral.node.fileclient import (
+    AsyncSession,
+    WorkerUnavailable,
+    end_file_access,
+    file_access_count,
+    read_small,
+    sync_session,
+    watch_file_access,
+)
 from corral.node.files import FileError, SandboxFiles, resolve_user
 from corral.runtime import syscalls
 from corral.runtime.syscalls import mount, umount
@@ -389,3 +398,76 @@ def test_frames_round_trip_and_oversize_is_refused() -> None:
     )
     with pytest.raises(fileproto.ProtocolError):
         fileproto.stat_from_wire([1, 2, "3"])
+
+
+def test_a_full_page_of_the_longest_names_fits(box: Box) -> None:
+    """Review 2 L4: the documented maximum (10000 entries) of 255-byte names, as a listing page and as one
+    readdir, comes back in one frame (names travel hex-encoded: twice their size)."""
+    many = box.root / "long"
+    many.mkdir()
+    box.own(many)
+    names = {f"{i:05d}".rjust(255, "n") for i in range(10_000)}
+    for name in names:
+        (many / name).touch()
+    listed = one(box, {"op": "list", "path": "/long", "limit": 10_000})
+    assert not isinstance(listed, Exception), listed
+    assert {bytes.fromhex(e[0]).decode() for e in listed[0]["entries"]} == names
+    assert listed[0]["next"] is None
+
+    async def readdir() -> list[Any]:
+        worker = await AsyncSession.start(box.files, 10.0)
+        try:
+            reply, _ = await worker.call({"op": "opendir", "path": "/long"})
+            page, _ = await worker.call({"op": "readdir", "h": reply["h"], "count": 10_000})
+            entries: list[Any] = page["entries"]
+            return entries
+        finally:
+            worker.close()
+
+    entries = asyncio.run(readdir())
+    assert len(entries) == 10_002  # ".", ".." and every name
+    worst = {
+        "ok": True,
+        "entries": [["ff" * 255, "directory", 2**63 - 1, "7777", 1e12] for _ in range(10_000)],
+    }
+    fileproto.encode(worst, b"")  # the largest listing page there can be: within the frame's limit
+
+
+def test_ending_a_sandboxs_file_access_kills_its_workers(box: Box) -> None:
+    """Review 2 H2: ``end_file_access(cid)`` kills every worker of that sandbox (by pidfd) and tells its
+    watchers; a worker of another sandbox is left alone; a session started afterwards still works."""
+    mine = dataclasses.replace(box.files, cid="box-mine")
+    other = dataclasses.replace(box.files, cid="box-other")
+    told: list[str] = []
+
+    async def scenario() -> tuple[int, int]:
+        first = await AsyncSession.start(mine, 10.0)
+        second = await AsyncSession.start(other, 10.0)
+        unwatch = watch_file_access("box-mine", lambda: told.append("ended"))
+        try:
+            assert file_access_count("box-mine") == 2
+            assert end_file_access("box-mine") == 2
+            with pytest.raises(FileError) as gone:
+                await first.call({"op": "ping"})
+            assert gone.value.kind == "not_running"
+            await second.call({"op": "ping"})  # another sandbox's worker is untouched
+            third = await AsyncSession.start(mine, 10.0)  # the sandbox runs again: a new session works
+            try:
+                await third.call({"op": "ping"})
+            finally:
+                third.close()
+            return first.pid, second.pid
+        finally:
+            unwatch()
+            first.close()
+            second.close()
+
+    killed, kept = asyncio.run(scenario())
+    assert told == ["ended"]
+    deadline = time.monotonic() + 5
+    while _uid_of(killed) == OFFSET and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _uid_of(killed) != OFFSET  # gone (or the PID reused by someone else)
+    assert file_access_count("box-mine") == 0
+    assert file_access_count("box-other") == 0
+    assert kept != killed

@@ -354,7 +354,9 @@ class AsyncSession(_Tracked):
     ) -> tuple[dict[str, Any], bytes]:
         """Send a request; its reply (an ``OSError`` or ``FileError`` for a failure the worker reports)."""
         async with self._lock:
-            if self._dead or self.ended or self._reader is None or self._writer is None:
+            if self.ended:
+                raise FileError("not_running", "the sandbox is not running")
+            if self._dead or self._reader is None or self._writer is None:
                 raise WorkerUnavailable("the file session has ended")
             self._busy = True
             try:

@@ -16,7 +16,9 @@ from typing import Any
 
 HEADER = struct.Struct("!II")
 HELLO = struct.Struct("!Q")  # a worker's first message: its pid (0: it could not start), with a pidfd of it
-MAX_JSON = 4 * 1024 * 1024  # a page of 10000 entries with 255-byte names fits
+# A page of 10000 entries with 255-byte names fits: names travel hex-encoded (510 characters), a listing entry
+# is under 600 bytes (5.8 MB a page), a readdir entry with its stat under 760 (7.6 MB); tests check the worst case.
+MAX_JSON = 8 * 1024 * 1024
 MAX_DATA = 8 * 1024 * 1024
 
 _STAT_FIELDS = ("mode", "ino", "dev", "nlink", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns")

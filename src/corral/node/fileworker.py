@@ -154,6 +154,12 @@ class Worker:
                     out = fileproto.encode(
                         fileproto.error_reply(exc.errno or 0, "", exc.strerror or str(exc))
                     )
+                except fileproto.ProtocolError:  # an answer over the frame's limit: said, never fatal
+                    out = fileproto.encode(
+                        fileproto.error_reply(
+                            errno.E2BIG, "too_large", "the answer is too large; ask for less"
+                        )
+                    )
                 except (ValueError, TypeError, KeyError, UnicodeError) as exc:
                     out = fileproto.encode(fileproto.error_reply(errno.EINVAL, "invalid", str(exc)))
                 self.sock.sendall(out)
