@@ -197,6 +197,8 @@ class Settings:
     max_file_ops_per_vm: int = 8
     upload_idle_timeout_s: float = 30.0
     file_op_timeout_s: float = 30.0
+    upload_min_rate_bps: int = 4096  # each upload_idle_timeout_s window of a body must bring this much a second
+    download_send_timeout_s: float = 60.0  # a download whose client reads nothing for this long is ended
     sandbox_init: str | None = None  # pid 1 of sandboxes: corral-init (default) or e.g. /usr/bin/catatonit
     # the sandbox network (docs/operations.md): off = sandboxes get no network at all
     network: bool = True
@@ -293,6 +295,8 @@ class Settings:
             upload_idle_timeout_s=_seconds(env, "CORRAL_UPLOAD_IDLE_TIMEOUT_S", 30.0),
             file_op_timeout_s=_seconds(env, "CORRAL_FILE_OP_TIMEOUT_S", 30.0),
             sandbox_init=env.get("CORRAL_SANDBOX_INIT") or None,
+            upload_min_rate_bps=_int0(env, "CORRAL_UPLOAD_MIN_RATE_BPS", 4096),
+            download_send_timeout_s=_seconds(env, "CORRAL_DOWNLOAD_SEND_TIMEOUT_S", 60.0),
             network=_flag(env, "CORRAL_NETWORK", True),
             gateway_netns=env.get("CORRAL_GATEWAY_NETNS") or "corral-gw",
             sandbox_subnet=env.get("CORRAL_SANDBOX_SUBNET") or "10.88.0.0/16",

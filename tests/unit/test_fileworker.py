@@ -15,7 +15,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,14 @@ from typing import Any
 import pytest
 from starlette.requests import Request
 
-from corral.api.routers.files import RequestTimeout, _body, decode_list_cursor, encode_list_cursor, file_error
+from corral.api.routers.files import (
+    RequestTimeout,
+    _body,
+    _Download,
+    decode_list_cursor,
+    encode_list_cursor,
+    file_error,
+)
 from corral.domain.errors import InvalidCursor, TemporarilyUnavailable
 from corral.node import fileproto
 from corral.node.fileclient import (
@@ -471,3 +478,65 @@ def test_ending_a_sandboxs_file_access_kills_its_workers(box: Box) -> None:
     assert file_access_count("box-mine") == 0
     assert file_access_count("box-other") == 0
     assert kept != killed
+
+
+def _trickle(every_s: float, size: int, count: int | None = None) -> Request:
+    """A request whose body comes ``size`` bytes every ``every_s`` seconds (``count`` times, or for ever)."""
+    sent = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        await asyncio.sleep(every_s)
+        sent += 1
+        more = count is None or sent < count
+        return {"type": "http.request", "body": b"x" * size, "more_body": more}
+
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
+
+
+def test_an_upload_trickled_below_the_minimum_rate_times_out() -> None:
+    """Review 2 L1: a body sending a byte now and then (never idle for the idle timeout) is ended once a
+    window brings less than the minimum rate; one at a fair rate is taken whole."""
+
+    async def drain(request: Request, min_rate: int) -> int:
+        got = 0
+        async with asyncio.timeout(10):  # without a minimum rate the trickle would never end
+            async for chunk in _body(request, 0.3, min_rate):
+                got += len(chunk)
+        return got
+
+    with pytest.raises(RequestTimeout, match="bytes a second"):
+        asyncio.run(drain(_trickle(0.05, 1), 1000))
+    assert asyncio.run(drain(_trickle(0.02, 1000, count=40), 1000)) == 40_000
+
+
+@pytest.mark.parametrize("spec", ["2.0", "2.4"])
+def test_a_download_whose_client_reads_nothing_is_ended(spec: str) -> None:
+    """Review 2 L1: a client that stops reading (its sends block) ends the download after the send timeout,
+    giving back the worker and the slot."""
+    done: list[bool] = []
+
+    async def content() -> AsyncIterator[bytes]:
+        while True:
+            yield b"x" * 1024
+
+    async def scenario() -> None:
+        sends = 0
+
+        async def send(message: Any) -> None:
+            nonlocal sends
+            sends += 1
+            if sends > 2:
+                await asyncio.sleep(3600)  # the socket's buffers are full: the client reads nothing
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+        response = _Download(content(), lambda: done.append(True), send_timeout_s=0.3)
+        scope = {"type": "http", "asgi": {"spec_version": spec}, "method": "GET", "path": "/"}
+        async with asyncio.timeout(10):
+            await response(scope, receive, send)
+
+    asyncio.run(scenario())
+    assert done == [True]

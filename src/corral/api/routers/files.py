@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,7 +20,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from corral.api.deps import PrincipalDep, StateDep
 from corral.api.routers.common import AUTHED, errors
@@ -42,6 +43,7 @@ from corral.node.files import CHUNK, FileError, SandboxFiles, normalise, transla
 from corral.node.local import NodeError
 from corral.services.lifecycle import Lifecycle
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/vms", tags=["exec and files"])
 VmId = Annotated[str, Path(description="The VM ID")]
 FilePath = Annotated[str, Query(description="Absolute path inside the sandbox", max_length=4096)]
@@ -67,6 +69,8 @@ class FileLimits:
     listings: Bulkhead
     idle_timeout_s: float
     op_timeout_s: float
+    min_rate_bps: int = 0
+    send_timeout_s: float = 60.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FileLimits:
@@ -77,6 +81,8 @@ class FileLimits:
             Bulkhead("listing", caps),
             settings.upload_idle_timeout_s,
             settings.file_op_timeout_s,
+            settings.upload_min_rate_bps,
+            settings.download_send_timeout_s,
         )
 
 
@@ -145,19 +151,52 @@ class _Slot:
             self._bulkhead.release(self._scopes)
 
 
-async def _body(request: Request, idle_s: float) -> AsyncIterator[bytes]:
-    """The request body, failing with 408 when nothing arrives for ``idle_s`` seconds."""
+async def _body(request: Request, idle_s: float, min_rate_bps: int = 0) -> AsyncIterator[bytes]:
+    """The request body, failing with 408 when nothing arrives for ``idle_s`` seconds, or when a window of
+    ``idle_s`` seconds brings less than ``min_rate_bps`` bytes a second (a body trickled in to hold a worker
+    and a slot for ever)."""
     stream = request.stream().__aiter__()
-    while True:
-        try:
-            async with asyncio.timeout(idle_s):
-                chunk = await anext(stream)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise RequestTimeout(f"the upload sent nothing for {idle_s:g} s; nothing was kept") from None
-        if chunk:
-            yield chunk
+    loop = asyncio.get_running_loop()
+    need = max(1, int(min_rate_bps * idle_s))
+    window_end = last = loop.time()
+    window_end += idle_s
+    got = 0
+    pending: asyncio.Task[bytes] | None = None  # never cancelled at a window's end: that would end the body
+    try:
+        while True:
+            now = loop.time()
+            if now >= window_end:
+                if got < need:
+                    raise RequestTimeout(
+                        f"the upload sent less than {min_rate_bps} bytes a second over {idle_s:g} s; "
+                        "nothing was kept"
+                    )
+                window_end, got = now + idle_s, 0
+            if pending is None:
+                pending = asyncio.ensure_future(_next(stream))
+            finished, _ = await asyncio.wait(
+                {pending}, timeout=max(0.0, min(last + idle_s, window_end) - now)
+            )
+            if not finished:
+                if loop.time() >= last + idle_s:
+                    raise RequestTimeout(f"the upload sent nothing for {idle_s:g} s; nothing was kept")
+                continue  # the window's end: its rate is checked above
+            task, pending = pending, None
+            try:
+                chunk = task.result()
+            except StopAsyncIteration:
+                return
+            if chunk:
+                last = loop.time()
+                got += len(chunk)
+                yield chunk
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
+async def _next(stream: AsyncIterator[bytes]) -> bytes:
+    return await anext(stream)
 
 
 @router.post(
@@ -170,7 +209,8 @@ async def _body(request: Request, idle_s: float) -> AsyncIterator[bytes]:
     "`parents=false`. Paths resolve inside the sandbox's root: `..` and symlinks never leave it, and the "
     "write is made with the sandbox root's own rights (no kernel files, no device nodes). A write past "
     "the VM's `disk_mib` answers 507 `disk_full` and leaves no partial file; a body that sends nothing for "
-    "`CORRAL_UPLOAD_IDLE_TIMEOUT_S` (30 s) answers 408 `request_timeout` and leaves none either.",
+    "`CORRAL_UPLOAD_IDLE_TIMEOUT_S` (30 s), or less than `CORRAL_UPLOAD_MIN_RATE_BPS` (4096) bytes a second "
+    "over such a window, answers 408 `request_timeout` and leaves none either.",
     responses=errors(*AUTHED, 404, 408, 409, 503, 507),
 )
 async def upload_file(
@@ -196,7 +236,7 @@ async def upload_file(
             reply, _ = await session.call({"op": "put", "path": target, "mode": bits, "parents": parents})
             handle = int(reply["h"])
             batch = bytearray()
-            async for chunk in _body(request, limits.idle_timeout_s):
+            async for chunk in _body(request, limits.idle_timeout_s, limits.min_rate_bps):
                 batch += chunk
                 if len(batch) >= WRITE_BATCH:
                     await session.call({"op": "write", "h": handle, "offset": -1}, bytes(batch))
@@ -217,7 +257,8 @@ async def upload_file(
     "/{vm_id}/files/download",
     summary="Download a file",
     description="Streams the regular file at `path`, read with the sandbox root's own rights: kernel files "
-    "(`/proc`, `/sys`) and device nodes are refused (400 `invalid_path`).",
+    "(`/proc`, `/sys`) and device nodes are refused (400 `invalid_path`). A client that reads nothing for "
+    "`CORRAL_DOWNLOAD_SEND_TIMEOUT_S` (60 s) has its connection ended.",
     responses={200: {"content": {"application/octet-stream": {}}}, **errors(*AUTHED, 404, 409, 503)},
 )
 async def download_file(vm_id: VmId, who: PrincipalDep, st: StateDep, path: FilePath) -> StreamingResponse:
@@ -263,20 +304,43 @@ async def download_file(vm_id: VmId, who: PrincipalDep, st: StateDep, path: File
     headers = {"Content-Disposition": f'attachment; filename="{_safe(name)}"'}
     if size:
         headers["Content-Length"] = str(size)
-    return _Download(chunks(), done, media_type="application/octet-stream", headers=headers)
+    return _Download(
+        chunks(),
+        done,
+        send_timeout_s=limits.send_timeout_s,
+        media_type="application/octet-stream",
+        headers=headers,
+    )
+
+
+class _Stalled(Exception):
+    """The client read nothing of a download for the send timeout."""
 
 
 class _Download(StreamingResponse):
     """A streamed download whose worker and slot are given back however the response ends (a client that
-    leaves before the first chunk never runs the stream's own cleanup)."""
+    leaves before the first chunk never runs the stream's own cleanup), and ended when its client reads
+    nothing for ``send_timeout_s`` (a stalled reader would hold the worker and the slot for ever)."""
 
-    def __init__(self, content: AsyncIterator[bytes], done: Callable[[], None], **kwargs: Any) -> None:
+    def __init__(
+        self, content: AsyncIterator[bytes], done: Callable[[], None], *, send_timeout_s: float, **kwargs: Any
+    ) -> None:
         super().__init__(content, **kwargs)
         self._done = done
+        self._send_timeout_s = send_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def timed(message: Message) -> None:
+            try:
+                async with asyncio.timeout(self._send_timeout_s):
+                    await send(message)
+            except TimeoutError:
+                raise _Stalled from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, timed)
+        except _Stalled:
+            log.info("a download's client read nothing for %g s: ended", self._send_timeout_s)
         finally:
             self._done()
 
