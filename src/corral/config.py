@@ -238,6 +238,7 @@ class Settings:
     proxy_port: int = 8001
     proxy_scheme: str = "http"  # what browsers use (https behind a TLS terminator)
     proxy_public_port: int | None = None  # the port browsers use, when not proxy_port (e.g. 443)
+    proxy_session_ttl_s: float = 3600.0  # seconds a proxy origin's session cookie lasts
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -327,6 +328,7 @@ class Settings:
             proxy_port=_port(env, "CORRAL_PROXY_PORT", 8001),
             proxy_scheme=_choice(env, "CORRAL_PROXY_SCHEME", ("http", "https"), "http"),
             proxy_public_port=_port(env, "CORRAL_PROXY_PUBLIC_PORT", 0) or None,
+            proxy_session_ttl_s=float(_int(env, "CORRAL_PROXY_SESSION_TTL", 3600)),
         )
 
     @property

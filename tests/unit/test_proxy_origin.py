@@ -13,8 +13,12 @@ from corral.api.proxy_headers import (
     websocket_headers,
 )
 from corral.api.proxy_tickets import (
+    MAX_COOKIE_VALUES,
+    KeyCheck,
     TicketBook,
+    cookie_name,
     cookie_usable,
+    origin_allowed,
     origin_host,
     parse_origin_host,
     without_ticket,
@@ -144,13 +148,115 @@ def test_guest_cookies_on_the_origin_are_host_only() -> None:
         (b"Set-Cookie", b"a=1; Domain=localhost; Path=/; HttpOnly"),
         (b"Set-Cookie", b"b=2; domain=.localhost"),
         (b"Set-Cookie", b"corral_proxy=forged; Path=/"),
+        (b"Set-Cookie", b"__Host-corral_proxy=forged; Path=/; Secure"),
         (b"Location", b"http://127.0.0.1:8080/next"),
     ]
     assert origin_response_headers(guest, port=8080) == [
         (b"set-cookie", b"a=1; Path=/; HttpOnly"),
         (b"set-cookie", b"b=2"),
         (b"location", b"/next"),
+        (b"x-frame-options", b"SAMEORIGIN"),
+        (b"content-security-policy", b"frame-ancestors 'self'"),
     ]
+
+
+def test_other_sites_may_not_frame_a_guest_port_unless_the_guest_says_so() -> None:
+    own = [(b"X-Frame-Options", b"DENY"), (b"Content-Security-Policy", b"default-src 'self'")]
+    out = origin_response_headers(own, port=8080)
+    assert [v for n, v in out if n == b"x-frame-options"] == [b"DENY"]  # the guest's own is kept
+    assert (b"content-security-policy", b"frame-ancestors 'self'") in out  # its CSP says nothing of it
+    allowed = [(b"Content-Security-Policy", b"frame-ancestors https://app.example")]
+    out = origin_response_headers(allowed, port=8080)
+    assert [v for n, v in out if n == b"content-security-policy"] == [b"frame-ancestors https://app.example"]
+
+
+def test_the_proxy_cookie_is_never_passed_to_the_guest_under_either_name() -> None:
+    incoming = [(b"cookie", b"__Host-corral_proxy=s1; app=1; corral_proxy=s2")]
+    out = request_headers(incoming, port=8080, client=None, scheme="https", prefix="", chunked=False)
+    assert [v for n, v in out if n == b"cookie"] == [b"app=1"]
+    assert cookie_name("https") == "__Host-corral_proxy"  # a sibling host cannot set one (no Domain allowed)
+    assert cookie_name("http") == "corral_proxy"
+
+
+@pytest.mark.parametrize(
+    ("origin", "method", "websocket", "allowed"),
+    [
+        (None, "POST", False, True),  # a program; browsers always send Origin on these
+        (None, "GET", True, True),
+        ("http://8080-vm-a.corral.test:8001", "GET", True, True),
+        ("HTTP://8080-VM-A.corral.test:8001", "POST", False, True),
+        ("http://8081-vm-b.corral.test:8001", "GET", True, False),  # another VM's page: same site
+        ("http://8081-vm-b.corral.test:8001", "POST", False, False),
+        ("http://8081-vm-b.corral.test:8001", "GET", False, False),  # a CORS fetch from another origin
+        ("http://8080-vm-a.corral.test", "GET", True, False),  # another port is another origin
+        ("https://8080-vm-a.corral.test:8001", "DELETE", False, False),  # another scheme
+        ("null", "POST", False, False),  # a sandboxed frame, a data: URL
+        ("http://8080-vm-a.corral.test:8001.evil", "POST", False, False),
+    ],
+)
+def test_only_the_ports_own_origin_may_open_websockets_or_write(
+    origin: str | None, method: str, websocket: bool, allowed: bool
+) -> None:
+    host = "8080-vm-a.corral.test:8001"
+    assert origin_allowed(origin, method, websocket=websocket, scheme="http", host=host) is allowed
+
+
+@pytest.mark.parametrize(
+    ("raw_path", "location"),
+    [
+        (b"//evil.example/x", "/evil.example/x"),
+        (b"///evil.example", "/evil.example"),
+        (b"/\\evil.example", "/evil.example"),
+        (b"/\\/evil.example", "/evil.example"),
+        (b"/%2F%2Fevil.example", "/%2F%2Fevil.example"),  # escaped: a path segment, not an authority
+        (b"", "/"),
+    ],
+)
+def test_the_redirect_after_a_ticket_stays_on_the_origin(raw_path: bytes, location: str) -> None:
+    got = without_ticket(raw_path, b"corral_ticket=T")
+    assert got == location
+    assert got.startswith("/")
+    assert got[1:2] not in ("/", "\\")
+
+
+def test_a_host_with_junk_after_the_port_names_no_vm() -> None:
+    assert parse_origin_host("8080-vm-abc.localhost:8001@evil", "localhost") is None
+    assert parse_origin_host("8080-vm-abc.localhost:", "localhost") is None
+    assert parse_origin_host("8080-vm-abc.localhost:8001", "localhost") == ("vm_abc", 8080)
+
+
+def test_ending_a_key_ends_its_tickets_and_sessions_only() -> None:
+    book = TicketBook(clock=Clock())
+    mine = book.redeem(book.issue("usr_a", "key_a", "vm_a", 80), "vm_a", 80)
+    other = book.redeem(book.issue("usr_a", "key_b", "vm_a", 80), "vm_a", 80)
+    waiting = book.issue("usr_a", "key_a", "vm_a", 80)
+    assert mine is not None
+    assert other is not None
+    book.end_key("key_a")
+    assert book.session([mine], "vm_a", 80) is None
+    assert book.redeem(waiting, "vm_a", 80) is None
+    assert book.session([other], "vm_a", 80) is not None
+
+
+def test_tossed_cookie_values_are_tried_up_to_a_bound() -> None:
+    book = TicketBook(clock=Clock())
+    real = book.redeem(book.issue("usr_a", "key_a", "vm_a", 80), "vm_a", 80)
+    assert real is not None
+    assert book.session([*["tossed"] * 3, real], "vm_a", 80) is not None
+    assert book.session([*["tossed"] * MAX_COOKIE_VALUES, real], "vm_a", 80) is None
+
+
+def test_key_checks_are_cached_a_few_seconds_and_revocation_sticks() -> None:
+    clock = Clock()
+    check = KeyCheck(clock=clock, ttl=5.0)
+    assert check.known("key_a") is None  # ask the database
+    check.record("key_a", True)
+    assert check.known("key_a") is True
+    clock.now += 5.0
+    assert check.known("key_a") is None  # stale: ask again
+    check.record("key_a", False)
+    clock.now += 1000
+    assert check.known("key_a") is False
 
 
 def test_the_origins_target_is_the_path_as_it_came() -> None:

@@ -5,8 +5,10 @@ the answer has been relayed, so nothing is held open into a sandbox that stops."
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
+import weakref
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
@@ -81,6 +83,21 @@ class Relay:
             await self._connection.aclose()
 
 
+_LIVE: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # every socket to a guest not yet collected
+
+
+def abort_guest_connections() -> int:
+    """Cut every open connection to a guest (the server is stopping): a request still waiting for a guest
+    that never answers then ends at once (502) instead of holding the shutdown up to its read timeout.
+    Returns how many were cut."""
+    cut = 0
+    for sock in list(_LIVE):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+            cut += 1
+    return cut
+
+
 class Forward:
     """A socket connected to a guest's server, for one request (``send``) or handed to a WebSocket client
     (``detach``)."""
@@ -88,6 +105,7 @@ class Forward:
     def __init__(self, sock: socket.socket, port: int) -> None:
         self._sock: socket.socket | None = sock
         self.port = port
+        _LIVE.add(sock)
 
     def detach(self) -> socket.socket:
         sock, self._sock = self._sock, None

@@ -10,7 +10,8 @@
   mounted on a path does. On the API's origin (``api_response_headers``) the guest's ``Set-Cookie`` is
   dropped and ``Content-Security-Policy: sandbox`` added: the page gets an opaque origin and runs no script;
   on the proxy's own origin (``origin_response_headers``) a guest cookie is made host-only (its ``Domain``
-  removed), so no VM sets cookies for another's host name.
+  removed), so no VM sets cookies for another's host name, and unless the guest says otherwise the page
+  may be framed by its own origin only (``X-Frame-Options: SAMEORIGIN``, ``frame-ancestors 'self'``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from urllib.parse import quote, unquote_to_bytes
 
-from corral.api.proxy_tickets import COOKIE
+from corral.api.proxy_tickets import COOKIE, SECURE_COOKIE
 
 GUEST_HOST = "127.0.0.1"
 WS_MAX_MESSAGE = 16 * 1024 * 1024  # as uvicorn's default for the client side
@@ -89,10 +90,13 @@ def origin_target(raw_path: bytes | None, path: str, query: bytes) -> bytes:
     return _escaped(rest + (b"?" + query if query else b""))
 
 
+_OURS = frozenset({COOKIE.encode(), SECURE_COOKIE.encode()})
+
+
 def _without_our_cookie(value: bytes) -> bytes:
     """A ``Cookie`` header without the proxy origin's own cookie (it is never the guest's)."""
     pairs = [p.strip() for p in value.split(b";")]
-    return b"; ".join(p for p in pairs if p and p.split(b"=", 1)[0].strip() != COOKIE.encode())
+    return b"; ".join(p for p in pairs if p and p.split(b"=", 1)[0].strip() not in _OURS)
 
 
 def _cookies_for_guest(headers: Headers) -> Headers:
@@ -207,15 +211,25 @@ def _host_only(cookie: bytes) -> bytes:
     return b"; ".join(p for p in parts if p.split(b"=", 1)[0].strip().lower() != b"domain")
 
 
+FRAME_OPTIONS = (b"x-frame-options", b"SAMEORIGIN")
+FRAME_ANCESTORS = (b"content-security-policy", b"frame-ancestors 'self'")
+
+
 def origin_response_headers(headers: Sequence[tuple[bytes, bytes]], *, port: int) -> Headers:
-    """The guest's answer's headers on the proxy's own origin: its cookies host-only, never the proxy's own."""
+    """The guest's answer's headers on the proxy's own origin: its cookies host-only, never the proxy's own;
+    framing by another site refused unless the guest sets its own ``X-Frame-Options`` or ``frame-ancestors``
+    (another site's page would otherwise frame the app with the user's session: clickjacking)."""
     out: Headers = []
     for name, value in response_headers(headers, port=port, prefix=""):
         if name == b"set-cookie":
-            if value.split(b"=", 1)[0].strip() == COOKIE.encode():
+            if value.split(b"=", 1)[0].strip() in _OURS:
                 continue
             value = _host_only(value)
         out.append((name, value))
+    if not any(n == b"x-frame-options" for n, _ in out):
+        out.append(FRAME_OPTIONS)
+    if not any(n == b"content-security-policy" and b"frame-ancestors" in v.lower() for n, v in out):
+        out.append(FRAME_ANCESTORS)
     return out
 
 

@@ -4,6 +4,7 @@ redacted (``corral.cli.logs``)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -13,10 +14,31 @@ import uvicorn
 from fastapi import FastAPI
 
 from corral.api.deps import AppState
+from corral.api.guest_http import abort_guest_connections
 from corral.api.guest_origin import ByListener, GuestOrigin
 from corral.cli.logs import uvicorn_log_config
 
 log = logging.getLogger(__name__)
+
+PROXY_GRACE = 3.0  # seconds proxied requests may still finish once the server is stopping
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, whose shutdown does not wait on guests: ``PROXY_GRACE`` seconds after it starts,
+    every connection to a guest is cut, so a proxied request to a guest that never answers ends (502)
+    instead of holding the restart for its read timeout (300 s)."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        def cut() -> None:
+            cut = abort_guest_connections()
+            if cut:
+                log.info("stopping: cut %d connection(s) to guests", cut)
+
+        timer = asyncio.get_running_loop().call_later(PROXY_GRACE, cut)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -57,4 +79,4 @@ def run(application: FastAPI, proxy_socket: socket.socket, *, host: str, port: i
         state.settings.proxy_domain,
         proxy_port,
     )
-    uvicorn.Server(config).run(sockets=[api_socket, proxy_socket])
+    _Server(config).run(sockets=[api_socket, proxy_socket])

@@ -117,6 +117,18 @@ class GuestNamespace:
         finally:
             os.close(ns)
 
+    def socket(self, host: str, port: int) -> tuple[socket.socket, tuple[str, int]]:
+        """A non-blocking TCP socket made in the sandbox's network namespace, not yet connected, and the
+        address to connect it to (``connect_socket``, awaited: a slow guest then holds no thread)."""
+        family, addr, port = guest_address(host, port)
+        ns = self._open("ns/net")
+        try:
+            if _same_file(os.fstat(ns), os.stat("/proc/thread-self/ns/net")):
+                raise GuestNetError("the process is not in a network namespace of its own")
+            return _socket_in(ns, family), (addr, port)
+        finally:
+            os.close(ns)
+
     def close(self) -> None:
         with self._lock:
             if self._dir is not None:
@@ -170,6 +182,49 @@ def _connect_in(ns: int, family: socket.AddressFamily, host: str, port: int, tim
     return result[0]
 
 
+def _socket_in(ns: int, family: socket.AddressFamily) -> socket.socket:
+    """A socket created in namespace ``ns`` by a short-lived thread (creating it never blocks)."""
+    result: list[socket.socket] = []
+    failure: list[BaseException] = []
+
+    def enter_and_create() -> None:
+        try:
+            os.setns(ns, os.CLONE_NEWNET)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            failure.append(GuestNetError(f"cannot open a socket in the sandbox: {exc.strerror}"))
+            return
+        sock.setblocking(False)
+        result.append(sock)
+
+    thread = threading.Thread(target=enter_and_create, name="corral-guestnet", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+async def connect_socket(sock: socket.socket, address: tuple[str, int], timeout: float) -> None:  # noqa: ASYNC109
+    """Connect a socket from ``GuestNamespace.socket`` on the event loop (no thread waits for the guest);
+    ``GuestUnreachable`` when refused or not accepted within ``timeout``. The socket is closed on failure."""
+    host, port = address
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, address)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except TimeoutError:
+        sock.close()
+        raise GuestUnreachable(f"connecting to {host}:{port} in the sandbox timed out") from None
+    except OSError as exc:
+        sock.close()
+        why = exc.strerror or type(exc).__name__
+        raise GuestUnreachable(f"cannot connect to {host}:{port} in the sandbox: {why}") from None
+    except BaseException:
+        sock.close()
+        raise
+
+
 def guest_socket(init_pid: int, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
     """A blocking TCP socket connected to ``host:port`` in the network namespace of process ``init_pid``
     (a sandbox's init). ``InvalidGuestAddress``, ``SandboxGone`` or ``GuestUnreachable`` otherwise."""
@@ -212,6 +267,18 @@ class SandboxDialer:
             handle = self._handle(cid, fresh=fresh)
             try:
                 return handle.connect(host, port, timeout)
+            except SandboxGone:
+                self._forget(cid, handle)
+        raise SandboxGone("the sandbox is not running")
+
+    def socket(self, cid: str, host: str, port: int) -> tuple[socket.socket, tuple[str, int]]:
+        """A socket made in sandbox ``cid``'s namespace, to be connected with ``connect_socket`` (blocks
+        briefly: the namespace is looked up and entered by a thread, nothing waits for the guest)."""
+        guest_address(host, port)
+        for fresh in (False, True):
+            handle = self._handle(cid, fresh=fresh)
+            try:
+                return handle.socket(host, port)
             except SandboxGone:
                 self._forget(cid, handle)
         raise SandboxGone("the sandbox is not running")

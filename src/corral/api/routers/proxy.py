@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated
@@ -49,8 +50,10 @@ from corral.api.proxy_headers import (
 from corral.api.proxy_tickets import TICKET_PARAM, TicketBook, origin_host
 from corral.api.routers.common import AUTHED, errors
 from corral.api.routers.vms import lifecycle_of
+from corral.domain.bulkhead import Bulkhead, Caps
+from corral.domain.bulkhead import Scope as Slot
 from corral.domain.errors import BadRequest, Conflict, CorralError, InvalidParameter
-from corral.node.guestnet import GuestUnreachable, SandboxDialer, SandboxGone
+from corral.node.guestnet import GuestUnreachable, SandboxDialer, SandboxGone, connect_socket
 from corral.services.lifecycle import Lifecycle
 
 router = APIRouter(prefix="/v1/vms", tags=["proxy"])
@@ -59,6 +62,8 @@ Port = Annotated[int, Path(description="A TCP port inside the VM (1-65535)", ge=
 GuestPath = Annotated[str, Path(description="The path on the guest's server (may be empty)")]
 
 CONNECT_TIMEOUT = 5.0
+MAX_PER_KEY = 64  # proxied requests and WebSockets open at once per API key (or proxy session)
+MAX_PER_VM = 128  # ... and per VM
 READ_TIMEOUT = 300.0  # between two reads from the guest (its answer's head included)
 _DENIAL_HEADERS = (
     b"content-type",
@@ -104,6 +109,7 @@ for _status in (502, 504):
 
 _dialers: weakref.WeakKeyDictionary[Lifecycle, SandboxDialer] = weakref.WeakKeyDictionary()
 _books: weakref.WeakKeyDictionary[Lifecycle, TicketBook] = weakref.WeakKeyDictionary()
+_bulkheads: weakref.WeakKeyDictionary[Lifecycle, Bulkhead] = weakref.WeakKeyDictionary()
 
 
 def tickets_of(st: AppState) -> TicketBook:
@@ -111,7 +117,7 @@ def tickets_of(st: AppState) -> TicketBook:
     life = lifecycle_of(st)
     book = _books.get(life)
     if book is None:
-        book = _books.setdefault(life, TicketBook())
+        book = _books.setdefault(life, TicketBook(session_ttl=st.settings.proxy_session_ttl_s))
     return book
 
 
@@ -124,24 +130,64 @@ def dialer_of(st: AppState) -> SandboxDialer:
     return dialer
 
 
-def _open_guest(conn: HTTPConnection, st: AppState, vm_id: str, port: int) -> Forward:
-    """The caller (by the ``Authorization`` header), their running VM, and a socket connected to ``port``
-    inside it, or the API error saying why not. Blocking: all of it runs in one worker thread."""
-    who = authenticate_connection(conn, st, allow_query=False)
-    return open_guest(st, who.user_id, vm_id, port)
-
-
-def open_guest(st: AppState, user_id: str, vm_id: str, port: int) -> Forward:
-    """A socket connected to ``port`` inside ``user_id``'s running VM. Blocking."""
+def proxy_bulkhead(st: AppState) -> Bulkhead:
+    """Proxied requests and WebSockets open at once, per API key (a proxy cookie counts for the key its
+    ticket was asked with) and per VM (one bulkhead per app)."""
     life = lifecycle_of(st)
-    cid = life.running_container(user_id, vm_id)
+    held = _bulkheads.get(life)
+    if held is None:
+        caps = Caps({"key": MAX_PER_KEY, "vm": MAX_PER_VM})
+        held = _bulkheads.setdefault(life, Bulkhead("proxied request", caps))
+    return held
+
+
+async def _open_guest(conn: HTTPConnection, st: AppState, vm_id: str, port: int) -> Opened:
+    """The caller (by the ``Authorization`` header), their running VM, and a socket connected to ``port``
+    inside it, holding a slot of the proxy's bulkhead, or the API error saying why not."""
+    who = await run_in_threadpool(authenticate_connection, conn, st, allow_query=False)
+    return await open_guest(st, who.user_id, vm_id, port, [("key", who.key_id), ("vm", vm_id)])
+
+
+class Opened:
+    """A connection to a guest's port and the bulkhead slots it holds (``release`` when the relay ends)."""
+
+    def __init__(self, forward: Forward, bulkhead: Bulkhead, scopes: list[Slot]) -> None:
+        self.forward = forward
+        self._bulkhead = bulkhead
+        self._scopes: list[Slot] | None = scopes
+
+    def release(self) -> None:
+        if self._scopes is not None:
+            self._bulkhead.release(self._scopes)
+            self._scopes = None
+
+
+def _socket_for(st: AppState, user_id: str, vm_id: str, port: int) -> tuple[socket.socket, tuple[str, int]]:
+    """``user_id``'s running VM and a socket made in its network namespace. Blocking, briefly (one read)."""
+    cid = lifecycle_of(st).running_container(user_id, vm_id)
     try:
-        sock = dialer_of(st).connect(cid, GUEST_HOST, port, CONNECT_TIMEOUT)
+        return dialer_of(st).socket(cid, GUEST_HOST, port)
     except SandboxGone:
         raise Conflict("VM is not running", code="vm_not_running") from None
-    except GuestUnreachable:
-        raise UpstreamUnreachable(f"Nothing accepts connections on port {port} inside the VM") from None
-    return Forward(sock, port)
+
+
+async def open_guest(st: AppState, user_id: str, vm_id: str, port: int, scopes: list[Slot]) -> Opened:
+    """A socket connected to ``port`` inside ``user_id``'s running VM, with a slot in each of ``scopes`` of
+    the proxy's bulkhead (429 ``too_many_concurrent`` when one is full). The connect is awaited on the event
+    loop: a guest that never accepts holds no worker thread."""
+    bulkhead = proxy_bulkhead(st)
+    bulkhead.acquire(scopes)
+    try:
+        sock, address = await run_in_threadpool(_socket_for, st, user_id, vm_id, port)
+        try:
+            await connect_socket(sock, address, CONNECT_TIMEOUT)
+        except GuestUnreachable:
+            raise UpstreamUnreachable(f"Nothing accepts connections on port {port} inside the VM") from None
+        sock.setblocking(True)  # as the dialer's sockets: their users set their own mode
+    except BaseException:
+        bulkhead.release(scopes)
+        raise
+    return Opened(Forward(sock, port), bulkhead, scopes)
 
 
 @router.api_route(
@@ -154,12 +200,16 @@ def open_guest(st: AppState, user_id: str, vm_id: str, port: int) -> Forward:
 )
 @router.api_route("/{vm_id}/proxy/{port}/{path:path}", methods=METHODS[1:], include_in_schema=False)
 async def proxy(request: Request, vm_id: VmId, port: Port, path: GuestPath) -> Response:
-    forward = await run_in_threadpool(_open_guest, request, connection_state(request), vm_id, port)
-    prefix = proxy_prefix(vm_id, port)
-    scope = request.scope
-    target = guest_target(scope.get("raw_path"), path, scope.get("query_string", b""))
-    relay = await relay_request(request, forward, target, prefix)
-    return RelayResponse(relay, api_response_headers(relay.headers, port=port, prefix=prefix))
+    opened = await _open_guest(request, connection_state(request), vm_id, port)
+    try:
+        prefix = proxy_prefix(vm_id, port)
+        scope = request.scope
+        target = guest_target(scope.get("raw_path"), path, scope.get("query_string", b""))
+        relay = await relay_request(request, opened.forward, target, prefix)
+    except BaseException:
+        opened.release()
+        raise
+    return RelayResponse(relay, api_response_headers(relay.headers, port=port, prefix=prefix), opened.release)
 
 
 async def relay_request(request: Request, forward: Forward, target: bytes, prefix: str) -> Relay:
@@ -214,16 +264,20 @@ class RelayResponse(StreamingResponse):
     """The guest's answer, relayed as it comes; the connection to the guest is closed when the answer ends,
     fails or the client goes away."""
 
-    def __init__(self, relay: Relay, headers: Headers) -> None:
+    def __init__(self, relay: Relay, headers: Headers, release: Callable[[], None]) -> None:
         super().__init__(relay.body(), status_code=relay.status)
         self.raw_headers = headers
         self.relay = relay
+        self.release = release
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.relay.aclose()
+            try:
+                await self.relay.aclose()
+            finally:
+                self.release()
 
 
 # ---- tickets for the proxy's own origin -------------------------------------------------------------------
@@ -266,7 +320,8 @@ def _ticket_path(path: str) -> str:
     description=(
         "A URL on the proxy's own origin (`http://<port>-<vm id>.<CORRAL_PROXY_DOMAIN>:<CORRAL_PROXY_PORT>`, "
         "one origin per VM and port, never the API's) carrying a one-time ticket valid for 60 s. Opening it "
-        "sets an HttpOnly, host-only cookie for that VM and port only (8 hours) and redirects to the same "
+        "sets an HttpOnly, host-only cookie for that VM and port only (`CORRAL_PROXY_SESSION_TTL`, 1 hour by "
+        "default; it ends when the API key that asked for the ticket is revoked) and redirects to the same "
         "URL without the ticket. Neither the ticket nor the cookie can call the API, and the API key is "
         "never in the URL. 409 `vm_not_running` when the VM does not run."
     ),
@@ -290,20 +345,23 @@ async def proxy_websocket(websocket: WebSocket, vm_id: str, port: str, path: str
     try:
         if not port.isdigit() or not 1 <= int(port) <= 65535:
             raise InvalidParameter("port: must be an integer from 1 to 65535")
-        forward = await run_in_threadpool(_open_guest, websocket, st, vm_id, int(port))
+        opened = await _open_guest(websocket, st, vm_id, int(port))
     except CorralError as exc:
         await deny(websocket, error_response(exc.status, exc.code, exc.message))
         return
-    scope = websocket.scope
-    target = guest_target(scope.get("raw_path"), path, scope.get("query_string", b""))
-    prefix = proxy_prefix(vm_id, int(port))
-    await relay_websocket(
-        websocket,
-        forward,
-        target,
-        prefix,
-        lambda raw: api_response_headers(raw, port=int(port), prefix=prefix),
-    )
+    try:
+        scope = websocket.scope
+        target = guest_target(scope.get("raw_path"), path, scope.get("query_string", b""))
+        prefix = proxy_prefix(vm_id, int(port))
+        await relay_websocket(
+            websocket,
+            opened.forward,
+            target,
+            prefix,
+            lambda raw: api_response_headers(raw, port=int(port), prefix=prefix),
+        )
+    finally:
+        opened.release()
 
 
 async def relay_websocket(
