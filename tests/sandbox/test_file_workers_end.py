@@ -1,7 +1,8 @@
 """File workers end with their VM, on real sandboxes: with an SFTP session holding a file open for writing and
 a download whose client never reads, stopping the VM kills every worker of that VM (by PID) and closes the
 SFTP session, so nothing writes to (or keeps allocated) the disk of a VM that is stopped or destroyed. The
-workers' environment holds none of the server's settings."""
+workers run in the VM's own cgroups (a memory snapshot still works meanwhile) and their environment holds
+none of the server's settings."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 
 from tests import vmtools
 from tests.sandbox.test_access import key_file
+from tests.sandbox.test_state import wait_snapshot
 from tests.support import Account, Server, signup
 from tests.vmtools import create_ready, destroy, run
 
@@ -57,6 +59,11 @@ def _alive(pids: set[int]) -> set[int]:
     return {pid for pid in pids if Path(f"/proc/{pid}").exists()}
 
 
+def _cgroup(pid: int) -> list[str]:
+    """The cgroups of ``pid``, one per hierarchy (``/proc/<pid>/cgroup``)."""
+    return sorted(Path(f"/proc/{pid}/cgroup").read_text().splitlines())
+
+
 def _environ(pids: set[int]) -> dict[int, bytes]:
     return {pid: Path(f"/proc/{pid}/environ").read_bytes() for pid in pids}
 
@@ -87,9 +94,10 @@ def _stalled_download(srv: Server, token: str, vm_id: str, path: str) -> socket.
 async def _sftp_through_stop(node: Server, account: Account, vm: dict[str, Any]) -> dict[str, Any]:
     c, vm_id = account.client, vm["id"]
     info = (await asyncio.to_thread(c.get, f"/v1/vms/{vm_id}/ssh")).json()
-    userns = os.readlink(f"/proc/{_vm_pid(node, vm_id)}/ns/user")
+    init = _vm_pid(node, vm_id)
+    userns = os.readlink(f"/proc/{init}/ns/user")
+    out: dict[str, Any] = {"vm_cgroup": _cgroup(init)}
     download = _stalled_download(node, account.token, vm_id, "/root/big")
-    out: dict[str, Any] = {}
     try:
         async with asyncssh.connect(
             info["host"], info["port"], username=info["username"], client_keys=[key_file()], known_hosts=None
@@ -101,6 +109,13 @@ async def _sftp_through_stop(node: Server, account: Account, vm: dict[str, Any])
             workers = _workers_of(userns)
             out["workers"] = workers
             out["environ"] = _environ(workers)
+            out["cgroups"] = {pid: _cgroup(pid) for pid in workers}
+            # a memory snapshot (CRIU, the cgroup freezer) while workers sit in the sandbox's cgroups
+            snap = await asyncio.to_thread(c.post, f"/v1/vms/{vm_id}/snapshots", json={})
+            assert snap.status_code == 201, snap.text
+            out["snapshot"] = (await asyncio.to_thread(wait_snapshot, c, snap.json()["data"]["id"]))["status"]
+            await asyncio.to_thread(c.delete, f"/v1/snapshots/{snap.json()['data']['id']}")
+            out["sftp_after_snapshot"] = len(await sftp.listdir("/root")) > 0
             stopped = await asyncio.to_thread(c.post, f"/v1/vms/{vm_id}/stop", timeout=60)
             assert stopped.status_code == 200, stopped.text
             await _until(lambda: not _alive(workers), 5)
@@ -134,6 +149,10 @@ def test_stop_ends_the_vms_file_workers_and_sftp_sessions(node: Server, account:
         assert out["alive_after_stop"] == set(), out
         assert out["sftp_after_stop"] != "ok", out
         assert out["sftp_closed"] is True, out
+        assert out["snapshot"] == "ready", out
+        assert out["sftp_after_snapshot"] is True, out
+        for pid, joined in out["cgroups"].items():  # L5: charged to and capped by the sandbox's cgroups
+            assert joined == out["vm_cgroup"], (pid, joined, out["vm_cgroup"])
         for pid, environ in out["environ"].items():  # L5: none of the server's settings or secrets
             names = {line.split(b"=", 1)[0] for line in environ.split(b"\0") if line}
             assert not any(name.startswith(b"CORRAL_") for name in names), (pid, names)

@@ -183,8 +183,9 @@ class ForkServer:
                 self.close_locked()
                 self._start()
 
-    def spawn(self, userns: int, root: int) -> socket.socket:
-        """A session socket to a new worker for the sandbox whose namespace and root these fds are."""
+    def spawn(self, userns: int, root: int, procs: tuple[int, ...] = ()) -> socket.socket:
+        """A session socket to a new worker for the sandbox whose namespace and root these fds are (and
+        whose cgroups these ``cgroup.procs`` files, opened for writing, are: the worker joins them)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with self._lock:
@@ -194,7 +195,7 @@ class ForkServer:
                         self.close_locked()
                         control = self._start()
                     try:
-                        socket.send_fds(control, [b"s"], [theirs.fileno(), root, userns])
+                        socket.send_fds(control, [b"s"], [theirs.fileno(), root, userns, *procs])
                         break
                     except OSError:
                         self.close_locked()
@@ -236,12 +237,17 @@ def _spawn(files: SandboxFiles, owner: _Tracked) -> socket.socket:
     opened (an end meanwhile is seen: ``not_running``)."""
     _REGISTRY.add(owner)
     try:
-        userns, root = files.worker_fds()
+        procs = _cgroup_procs(files.cgroups)
         try:
-            sock = _SERVER.spawn(userns, root)
+            userns, root = files.worker_fds()
+            try:
+                sock = _SERVER.spawn(userns, root, procs)
+            finally:
+                os.close(userns)
+                os.close(root)
         finally:
-            os.close(userns)
-            os.close(root)
+            for fd in procs:
+                os.close(fd)
         with _REGISTRY.lock:
             if not owner.ended:
                 owner._tracked_sock = sock
@@ -251,6 +257,20 @@ def _spawn(files: SandboxFiles, owner: _Tracked) -> socket.socket:
     except BaseException:
         _untrack(owner)
         raise
+
+
+def _cgroup_procs(dirs: tuple[str, ...]) -> tuple[int, ...]:
+    """The ``cgroup.procs`` files of the sandbox's cgroups, opened for writing by the host (a worker writes
+    its PID there before it serves: its CPU, memory and PIDs count against the sandbox's limits)."""
+    opened: list[int] = []
+    try:
+        for path in dirs:
+            opened.append(os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC))
+    except OSError as exc:
+        for fd in opened:
+            os.close(fd)
+        raise FileError("not_running", "the sandbox is not running") from exc
+    return tuple(opened)
 
 
 def _untrack(owner: _Tracked) -> None:

@@ -149,6 +149,7 @@ class SandboxFiles:
     confined: bool = False  # True in a file worker: the process already has the sandbox root's credentials
     filesystems: frozenset[int] = SANDBOX_FILESYSTEMS  # where reads, writes and attribute changes are allowed
     cid: str = ""  # the sandbox's container id: its file workers are ended with it (``end_file_access``)
+    cgroups: tuple[str, ...] = ()  # the sandbox's cgroup directories: its file workers join them
 
     @classmethod
     def at(cls, root_dir: str, uid: int, gid: int) -> SandboxFiles:

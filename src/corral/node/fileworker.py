@@ -32,6 +32,7 @@ from corral.runtime.syscalls import set_parent_death_signal
 
 MAX_READ = 4 * 1024 * 1024
 MAX_PAGE = 10_000
+MAX_FDS = 3 + 32  # a session, the root, the user namespace, and a cgroup.procs per cgroup hierarchy
 
 
 # ---- the fork server ----------------------------------------------------------------------------------------
@@ -44,13 +45,13 @@ def fork_server(control: socket.socket) -> None:
     spare = _spare(control)
     while True:
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(control, 64, 3)
+            msg, fds, _flags, _addr = socket.recv_fds(control, 64, MAX_FDS)
         except InterruptedError:
             continue
         if not msg:
             return
         try:
-            if len(fds) != 3:
+            if len(fds) < 3:
                 continue
             for _attempt in range(2):
                 try:
@@ -76,9 +77,9 @@ def _spare(control: socket.socket) -> socket.socket:
             ours.close()
             control.close()
             set_parent_death_signal(signal.SIGKILL)
-            msg, fds, _flags, _addr = socket.recv_fds(theirs, 64, 3)
+            msg, fds, _flags, _addr = socket.recv_fds(theirs, 64, MAX_FDS)
             theirs.close()
-            if msg and len(fds) == 3:
+            if msg and len(fds) >= 3:
                 code = worker(*fds)
         except BaseException:
             traceback.print_exc()
@@ -98,9 +99,21 @@ def enter(userns: int) -> None:
     set_parent_death_signal(signal.SIGKILL)  # after the credential change, which clears it
 
 
-def worker(session: int, root: int, userns: int) -> int:
+def join_cgroups(procs: tuple[int, ...]) -> None:
+    """Move this process into the sandbox's cgroups (each ``cgroup.procs`` the host opened for writing), as
+    the host's root still: from then on its CPU, memory and PIDs are the sandbox's, capped by its limits."""
+    pid = str(os.getpid()).encode()
+    for fd in procs:
+        try:
+            os.write(fd, pid)
+        finally:
+            os.close(fd)
+
+
+def worker(session: int, root: int, userns: int, *procs: int) -> int:
     sock = socket.socket(fileno=session)
     try:
+        join_cgroups(procs)
         enter(userns)
     except OSError as exc:
         with contextlib.suppress(OSError):

@@ -602,7 +602,8 @@ class LocalNode:
         pid = self.pid(cid)
         if pid is None:
             raise NodeError("the sandbox is not running")
-        return SandboxFiles(pid, self.config.id_base, self.config.id_base, cid=cid)
+        joined = tuple(str(d / cid) for d in cgroups.parent_dirs(self.cgroup_parent) if (d / cid).is_dir())
+        return SandboxFiles(pid, self.config.id_base, self.config.id_base, cid=cid, cgroups=joined)
 
     def sandbox_pids(self, cid: str) -> set[int]:
         return cgroups.procs(self.cgroup_parent, cid)
