@@ -1,12 +1,16 @@
 """File workers: the processes that do a tenant's file operations with the sandbox's own credentials.
 
 ``python -m corral.node.fileworker`` is the fork server the node starts once (single-threaded: only such a
-process may enter a user namespace). Its stdin is a unix socket; each message on it carries, as SCM_RIGHTS,
-a session socket, the sandbox's root (an O_PATH fd) and its user namespace, all opened by the host. For each
-it forks a worker, which drops every supplementary group, enters the namespace and becomes the sandbox's
-root (uid/gid 0 there: the sandbox's id range on the host, capabilities only inside that namespace). The
+process may enter a user namespace), with a scrubbed environment. Its stdin is a unix socket; each message on
+it carries, as SCM_RIGHTS, a session socket, the sandbox's root (an O_PATH fd), its user namespace and the
+``cgroup.procs`` of each of its cgroups, all opened by the host. For each it forks a worker, which joins those
+cgroups (its CPU, memory and PIDs are the sandbox's), drops every supplementary group, enters the namespace and
+becomes the sandbox's root (uid/gid 0 there: the sandbox's id range on the host, capabilities only inside that namespace). The
 kernel then refuses whatever the sandbox's own root could not do: the host kernel log, real addresses in
 kallsyms and pagemap, device inodes of the host. Paths still resolve in the root fd with RESOLVE_IN_ROOT.
+The worker keeps the host's mount, PID and network namespaces on purpose: it reaches nothing by those (every
+path is resolved in the root fd, no magic links, no capability outside the sandbox's user namespace), and the
+sandbox cannot see or signal it.
 
 A worker first sends a hello frame ``{"pid"}`` with a pidfd of itself (the host ends it by that, never by a
 number that could be reused), then answers one request at a time (``fileproto``) until its socket closes,
