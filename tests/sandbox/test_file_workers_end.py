@@ -163,3 +163,48 @@ def test_stop_ends_the_vms_file_workers_and_sftp_sessions(node: Server, account:
         assert run(c, vm["id"], "cat /root/held")["stdout"] == "before the stop\n"
     finally:
         destroy(c, vm["id"])
+
+
+async def _sftp_through_hibernate(node: Server, account: Account, vm_id: str) -> dict[str, Any]:
+    c = account.client
+    info = (await asyncio.to_thread(c.get, f"/v1/vms/{vm_id}/ssh")).json()
+    userns = os.readlink(f"/proc/{_vm_pid(node, vm_id)}/ns/user")
+    out: dict[str, Any] = {}
+    async with asyncssh.connect(
+        info["host"], info["port"], username=info["username"], client_keys=[key_file()], known_hosts=None
+    ) as conn:
+        sftp = await conn.start_sftp_client()
+        held = await sftp.open("/root/held", "wb")
+        await held.write(b"before the hibernate\n")
+        workers = _workers_of(userns)
+        out["workers"] = workers
+        slept = await asyncio.to_thread(c.post, f"/v1/vms/{vm_id}/hibernate", timeout=120)
+        assert slept.status_code == 200, slept.text
+        await _until(lambda: not _alive(workers), 5)
+        out["alive"] = _alive(workers) | _workers_of(userns)
+        try:
+            async with asyncio.timeout(10):
+                await held.write(b"after the hibernate\n", 1 << 20)
+            out["write"] = "ok"
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            out["write"] = type(exc).__name__
+        try:  # closed by the server (it also let go of the sandbox's root it held for the session)
+            async with asyncio.timeout(5):
+                await sftp.wait_closed()
+            out["closed"] = True
+        except TimeoutError:
+            out["closed"] = False
+    return out
+
+
+def test_hibernate_ends_the_vms_sftp_sessions(node: Server, account: Account) -> None:
+    c = account.client
+    vm = create_ready(c)
+    try:
+        out = asyncio.run(_sftp_through_hibernate(node, account, vm["id"]))
+        assert len(out["workers"]) == 1, out
+        assert out["alive"] == set(), out
+        assert out["write"] != "ok", out
+        assert out["closed"] is True, out
+    finally:
+        destroy(c, vm["id"])
