@@ -161,6 +161,8 @@ def test_stop_ends_the_vms_file_workers_and_sftp_sessions(node: Server, account:
         assert started.status_code == 200, started.text
         vmtools.wait_detail(c, vm["id"])
         assert run(c, vm["id"], "cat /root/held")["stdout"] == "before the stop\n"
+        destroy(c, vm["id"])  # and the disk is gone: nothing holds it open
+        assert not (node.data_dir / "node" / "disk" / "vols" / vm["id"]).exists()
     finally:
         destroy(c, vm["id"])
 
