@@ -211,6 +211,25 @@ def test_a_big_directory_is_listed_in_pages(account: Account, vm: dict[str, Any]
         assert bad.json()["error"]["code"] == code, (params, bad.text)
 
 
+def test_a_full_page_of_the_longest_names_is_listed(account: Account, vm: dict[str, Any]) -> None:
+    """Review 2 L4: the documented maximum page (10000) of 255-byte names answers 200 in one page (it
+    answered 503 with a traceback: the worker's reply overflowed its frame)."""
+    c, vm_id = account.client, vm["id"]
+    made = run(
+        c, vm_id, "mkdir -p /root/long && cd /root/long && seq -f '%0255g' 1 10000 | xargs touch && echo ok"
+    )
+    assert made["stdout"].strip() == "ok", made
+    try:
+        resp = c.get(f"/v1/vms/{vm_id}/files", params={"path": "/root/long", "limit": 10_000}, timeout=60)
+        assert resp.status_code == 200, resp.text[:300]
+        body = resp.json()
+        assert len(body["data"]) == 10_000
+        assert body["has_more"] is False
+        assert {len(e["name"]) for e in body["data"]} == {255}
+    finally:
+        run(c, vm_id, "rm -rf /root/long")
+
+
 def _stalled_upload(srv: Server, token: str, vm_id: str, n: int) -> socket.socket:
     """An upload that sends one byte of its body, then nothing."""
     url = urlsplit(srv.url)
