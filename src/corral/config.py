@@ -166,9 +166,9 @@ class Settings:
     node_mem_mib: int | None = None
     mem_reserve_mib: int | None = None  # None: 10% of the host's memory, at least 1 GiB
     disk_watch_s: float = 10.0  # how often the pool's limit follows the data dir's free space
-    overcommit_vcpus: float = 4.0
-    overcommit_mem: float = 1.0
-    overcommit_disk: float = 1.0
+    overcommit_vcpus: float = 16.0
+    overcommit_mem: float = 2.0
+    overcommit_disk: float = 4.0
     # per-account quotas over the account's VMs that are not destroyed (docs/operations.md "Quotas")
     quota_vms: int = 20
     quota_vcpus: int = 32
@@ -269,9 +269,9 @@ class Settings:
             node_mem_mib=_optional(env, "CORRAL_NODE_MEM_MIB", _int),
             mem_reserve_mib=_optional(env, "CORRAL_MEM_RESERVE_MIB", _int0),
             disk_watch_s=_seconds(env, "CORRAL_DISK_WATCH_S", 10.0),
-            overcommit_vcpus=_ratio(env, "CORRAL_OVERCOMMIT_VCPUS", 4.0),
-            overcommit_mem=_ratio(env, "CORRAL_OVERCOMMIT_MEM", 1.0),
-            overcommit_disk=_ratio(env, "CORRAL_OVERCOMMIT_DISK", 1.0),
+            overcommit_vcpus=_ratio(env, "CORRAL_OVERCOMMIT_VCPUS", 16.0),
+            overcommit_mem=_ratio(env, "CORRAL_OVERCOMMIT_MEM", 2.0),
+            overcommit_disk=_ratio(env, "CORRAL_OVERCOMMIT_DISK", 4.0),
             quota_vms=_int(env, "CORRAL_QUOTA_VMS", 20),
             quota_vcpus=_int(env, "CORRAL_QUOTA_VCPUS", 32),
             quota_mem_mib=_int(env, "CORRAL_QUOTA_MEM_MIB", 65536),
@@ -295,9 +295,9 @@ class Settings:
             max_file_ops_per_vm=_int(env, "CORRAL_MAX_FILE_OPS_PER_VM", 8),
             upload_idle_timeout_s=_seconds(env, "CORRAL_UPLOAD_IDLE_TIMEOUT_S", 30.0),
             file_op_timeout_s=_seconds(env, "CORRAL_FILE_OP_TIMEOUT_S", 30.0),
-            sandbox_init=env.get("CORRAL_SANDBOX_INIT") or None,
             upload_min_rate_bps=_int0(env, "CORRAL_UPLOAD_MIN_RATE_BPS", 4096),
             download_send_timeout_s=_seconds(env, "CORRAL_DOWNLOAD_SEND_TIMEOUT_S", 60.0),
+            sandbox_init=env.get("CORRAL_SANDBOX_INIT") or None,
             network=_flag(env, "CORRAL_NETWORK", True),
             gateway_netns=env.get("CORRAL_GATEWAY_NETNS") or "corral-gw",
             sandbox_subnet=env.get("CORRAL_SANDBOX_SUBNET") or "10.88.0.0/16",

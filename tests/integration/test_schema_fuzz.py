@@ -263,7 +263,15 @@ def operation_labels(spec: dict[str, Any]) -> set[str]:
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server with sandboxes: VM operations are fuzzed against real ones (made with the test key)."""
-    with node_server(tmp_path_factory.mktemp("fuzz"), CORRAL_WARM_POOL_SIZE="1") as srv:
+    # room for every fork the fuzzer asks (16 children at a time): the node's admission (503 node_full) is
+    # tested in test_admission.py and tests/sandbox/test_capacity.py, not here
+    with node_server(
+        tmp_path_factory.mktemp("fuzz"),
+        CORRAL_WARM_POOL_SIZE="1",
+        CORRAL_OVERCOMMIT_VCPUS="100",
+        CORRAL_OVERCOMMIT_MEM="100",
+        CORRAL_OVERCOMMIT_DISK="100",
+    ) as srv:
         yield srv
 
 

@@ -430,7 +430,16 @@ def wait_pool_full(host: NodeHost, size: int, timeout: float = 60.0) -> None:
 
 def test_fifty_sandboxes_at_once_leave_nothing_behind(tmp_path: Path) -> None:
     netns_before = netns_names()
-    with node_host(tmp_path, CORRAL_WARM_POOL_SIZE="2") as host:
+    # fifty VMs of one account at once: room for them (admission is tested in test_capacity.py)
+    with node_host(
+        tmp_path,
+        CORRAL_WARM_POOL_SIZE="2",
+        CORRAL_QUOTA_VMS="64",
+        CORRAL_QUOTA_VCPUS="64",
+        CORRAL_OVERCOMMIT_VCPUS="32",
+        CORRAL_OVERCOMMIT_MEM="4",
+        CORRAL_OVERCOMMIT_DISK="8",
+    ) as host:
         srv = host.start()
         token = signup(srv).token
 

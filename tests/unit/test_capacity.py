@@ -77,7 +77,7 @@ def test_capacity_and_quota_settings() -> None:
         None,
         None,
     )
-    assert (s.overcommit_vcpus, s.overcommit_mem, s.overcommit_disk) == (4.0, 1.0, 1.0)
+    assert (s.overcommit_vcpus, s.overcommit_mem, s.overcommit_disk) == (16.0, 2.0, 4.0)
     assert (s.quota_vms, s.quota_vcpus, s.quota_mem_mib, s.quota_disk_mib) == (20, 32, 65536, 262144)
     assert s.operator_emails == ()
     s = Settings.from_env(
