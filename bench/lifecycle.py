@@ -88,7 +88,19 @@ def main() -> None:
     )
     with (
         tempfile.TemporaryDirectory() as tmp,
-        node_server(Path(tmp), CORRAL_WARM_POOL_SIZE="4", CORRAL_RUNTIME=args.runtime) as srv,
+        node_server(
+            Path(tmp),
+            CORRAL_WARM_POOL_SIZE="4",
+            CORRAL_RUNTIME=args.runtime,
+            # one account holds every idle sandbox: quotas and admission sized for --idle of them
+            CORRAL_QUOTA_VMS=str(args.idle + 50),
+            CORRAL_QUOTA_VCPUS=str(args.idle + 50),
+            CORRAL_QUOTA_MEM_MIB=str((args.idle + 50) * 1024),
+            CORRAL_QUOTA_DISK_MIB=str((args.idle + 50) * 4096),
+            CORRAL_OVERCOMMIT_VCPUS="100",
+            CORRAL_OVERCOMMIT_MEM="100",
+            CORRAL_OVERCOMMIT_DISK="100",
+        ) as srv,
     ):
         acct = signup(srv)
         c = acct.client
