@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import shutil
 import socket
 import threading
@@ -258,9 +259,10 @@ class NodeState:
         lines = []
         if disk:
             btrfs = shutil.which("btrfs") or "btrfs"  # CRIU runs the script with its own short PATH
-            lines.append(
-                f"{btrfs} subvolume snapshot -r '{self.node.disks.path(cid)}' '{cap.disk}' >/dev/null"
+            argv = self.node.disks.snapshot_argv(
+                self.node.disks.path(cid), cap.disk, readonly=True, btrfs=btrfs
             )
+            lines.append(shlex.join(argv) + " >/dev/null")  # into the parent qgroup, as every snapshot
         if freeze:
             state, value = freezer.freeze_request(self.node.cgroup_parent, cid)
             lines.append(f"echo {value} > '{state}'")

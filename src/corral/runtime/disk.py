@@ -127,6 +127,10 @@ class DiskPool:
             if PARENT_QGROUP not in parent.split(","):
                 with contextlib.suppress(CommandFailed):  # a stale qgroup of a deleted subvolume
                     run(["btrfs", "qgroup", "assign", qgroup, PARENT_QGROUP, mp])
+        if not self.accounting_consistent():
+            # limits do not hold while the kernel does not account (captures an older Corral took outside
+            # the parent, an assign above): recount before any sandbox runs
+            self.rescan(wait=True)
         self.set_parent_limit(limit_bytes)
 
     def _sysfs(self) -> Path | None:
@@ -152,8 +156,12 @@ class DiskPool:
         except OSError:
             return True
 
-    def rescan(self) -> None:
-        """Start a quota rescan (it runs in the kernel; the numbers are right once it ends)."""
+    def rescan(self, *, wait: bool = False) -> None:
+        """Start a quota rescan (it runs in the kernel; the numbers are right once it ends); ``wait``: until
+        it ends (one already running is waited for)."""
+        if wait:
+            run(["btrfs", "quota", "rescan", "-w", str(self.mountpoint)])
+            return
         with contextlib.suppress(CommandFailed):  # one already running
             run(["btrfs", "quota", "rescan", str(self.mountpoint)])
 
@@ -216,20 +224,26 @@ class DiskPool:
             raise
         return path
 
+    @staticmethod
+    def snapshot_argv(source: Path, dest: Path, *, readonly: bool, btrfs: str = "btrfs") -> list[str]:
+        """The command that snapshots ``source`` at ``dest`` into the parent qgroup. Every snapshot must be
+        made with ``-i PARENT_QGROUP``: one made outside it shares its extents with the parent's members,
+        the kernel marks the qgroups inconsistent and stops accounting (``rfer`` no longer grows), and no
+        qgroup limit holds any more, a sandbox's nor the parent's, until a rescan ends."""
+        return [
+            btrfs,
+            "subvolume",
+            "snapshot",
+            "-i",
+            PARENT_QGROUP,
+            *(["-r"] if readonly else []),
+            str(source),
+            str(dest),
+        ]
+
     def snapshot(self, source: Path, dest: Path, *, readonly: bool) -> None:
         """An O(1) copy-on-write copy of the subvolume ``source`` at ``dest`` (both on this pool)."""
-        run(
-            [
-                "btrfs",
-                "subvolume",
-                "snapshot",
-                "-i",
-                PARENT_QGROUP,
-                *(["-r"] if readonly else []),
-                str(source),
-                str(dest),
-            ]
-        )
+        run(self.snapshot_argv(source, dest, readonly=readonly))
 
     def clone(self, source: Path, name: str, limit_mib: int) -> Path:
         """A new writable volume ``name`` whose content is ``source``'s (a captured disk), limited like
