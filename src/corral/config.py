@@ -186,6 +186,7 @@ class Settings:
     max_execs_per_key: int = 32
     max_execs_per_vm: int = 16
     max_execs: int = 1024
+    max_execs_per_user: int = 64
     max_sessions_per_key: int = 32
     max_sessions_per_vm: int = 16
     ssh_preauth_per_source: int = 32
@@ -286,6 +287,7 @@ class Settings:
             max_execs_per_key=_int(env, "CORRAL_MAX_EXECS_PER_KEY", 32),
             max_execs_per_vm=_int(env, "CORRAL_MAX_EXECS_PER_VM", 16),
             max_execs=_int(env, "CORRAL_MAX_EXECS", 1024),
+            max_execs_per_user=_int(env, "CORRAL_MAX_EXECS_PER_USER", 64),
             max_sessions_per_key=_int(env, "CORRAL_MAX_SESSIONS_PER_KEY", 32),
             max_sessions_per_vm=_int(env, "CORRAL_MAX_SESSIONS_PER_VM", 16),
             ssh_preauth_per_source=_int(env, "CORRAL_SSH_PREAUTH_PER_SOURCE", 32),

@@ -40,6 +40,7 @@ def test_settings_from_the_environment() -> None:
             "CORRAL_MAX_EXECS_PER_KEY": "4",
             "CORRAL_MAX_EXECS_PER_VM": "2",
             "CORRAL_MAX_EXECS": "100",
+            "CORRAL_MAX_EXECS_PER_USER": "9",
             "CORRAL_MAX_SESSIONS_PER_KEY": "5",
             "CORRAL_MAX_SESSIONS_PER_VM": "3",
             "CORRAL_SSH_PREAUTH_PER_SOURCE": "6",
@@ -48,7 +49,7 @@ def test_settings_from_the_environment() -> None:
         }
     )
     heads = Bulkheads.from_settings(s)
-    assert heads.execs.caps.per == {"key": 4, "vm": 2, "all": 100}
+    assert heads.execs.caps.per == {"key": 4, "user": 9, "vm": 2, "all": 100}
     assert heads.sessions.caps.per == {"key": 5, "user": 5, "vm": 3}
     assert heads.ssh_preauth.caps.per == {"source": 6, "all": 60}
     limits = ssh_limits(heads, s)
@@ -73,13 +74,35 @@ def test_bad_settings_are_refused(name: str, value: str) -> None:
 def test_an_exec_counts_against_its_key_its_vm_and_the_server() -> None:
     execs = Bulkheads.from_settings(Settings.from_env({"CORRAL_DATA_DIR": "/tmp/x"})).execs
     for n in range(16):
-        execs.acquire(exec_scopes("key_a", "vm_1"))
+        execs.acquire(exec_scopes("key_a", "u_a", "vm_1"))
         assert execs.in_use(("vm", "vm_1")) == n + 1
-    assert execs.try_acquire(exec_scopes("key_a", "vm_1")) == ("vm", "vm_1")
-    assert execs.try_acquire(exec_scopes("key_b", "vm_1")) == ("vm", "vm_1")  # the VM is full for anyone
-    assert execs.try_acquire(exec_scopes("key_a", "vm_2")) is None  # the key has room on another VM
+    assert execs.try_acquire(exec_scopes("key_a", "u_a", "vm_1")) == ("vm", "vm_1")
+    assert execs.try_acquire(exec_scopes("key_b", "u_a", "vm_1")) == (
+        "vm",
+        "vm_1",
+    )  # the VM is full for anyone
+    assert execs.try_acquire(exec_scopes("key_a", "u_a", "vm_2")) is None  # the key has room on another VM
     assert execs.in_use(("all", "")) == 17
-    assert session_scopes("key_a", "vm_1") == [("key", "key_a"), ("vm", "vm_1")]
+    assert session_scopes("key_a", "u_a", "vm_1") == [("key", "key_a"), ("user", "u_a"), ("vm", "vm_1")]
+
+
+def test_one_account_with_many_keys_cannot_fill_the_server_exec_cap() -> None:
+    execs = Bulkheads.from_settings(Settings.from_env({"CORRAL_DATA_DIR": "/tmp/x"})).execs
+    taken = 0
+    for k in range(40):  # keys are free: 40 keys of account u_a, 16 VMs, 4 execs per key
+        for v in range(4):
+            if execs.try_acquire(exec_scopes(f"key_{k}", "u_a", f"vm_{(k * 4 + v) % 16}")) is None:
+                taken += 1
+    assert taken == 64  # the account's cap, not the server's 1024
+    assert execs.try_acquire(exec_scopes("key_x", "u_a", "vm_99")) == ("user", "u_a")
+    for n in range(15):  # 15 more accounts at their cap: 16 x 64 = 1024
+        for i in range(64):
+            assert execs.try_acquire(exec_scopes(f"k{n}_{i}", f"u{n}", f"v{n}_{i % 16}")) is None
+    assert execs.in_use(("all", "")) == 1024
+    sessions = Bulkheads.from_settings(Settings.from_env({"CORRAL_DATA_DIR": "/tmp/x"})).sessions
+    for k in range(32):
+        assert sessions.try_acquire(session_scopes(f"key_{k}", "u_a", f"vm_{k % 16}")) is None
+    assert sessions.try_acquire(session_scopes("key_new", "u_a", "vm_new")) == ("user", "u_a")
 
 
 # ---- the SSH gateway's pre-authentication cap ----------------------------------------------------------------

@@ -27,6 +27,7 @@ class Bulkheads:
                 Caps(
                     {
                         "key": settings.max_execs_per_key,
+                        "user": settings.max_execs_per_user,
                         "vm": settings.max_execs_per_vm,
                         "all": settings.max_execs,
                     }
@@ -49,13 +50,15 @@ class Bulkheads:
         )
 
 
-def exec_scopes(key_id: str, vm_id: str) -> list[Scope]:
-    return [("key", key_id), ("vm", vm_id), ALL]
+def exec_scopes(key_id: str, user_id: str, vm_id: str) -> list[Scope]:
+    """Keys are free, so the account (``user``) is the tenant's scope; its cap (64) is 1/16 of the server's
+    (1024), so at least 16 accounts at their cap are needed before another tenant's exec gets 429."""
+    return [("key", key_id), ("user", user_id), ("vm", vm_id), ALL]
 
 
-def session_scopes(key_id: str, vm_id: str) -> list[Scope]:
-    """A terminal or a shell opened with an API key."""
-    return [("key", key_id), ("vm", vm_id)]
+def session_scopes(key_id: str, user_id: str, vm_id: str) -> list[Scope]:
+    """A terminal or a shell opened with an API key: counted per key, per account (shared with SSH), per VM."""
+    return [("key", key_id), ("user", user_id), ("vm", vm_id)]
 
 
 def preauth_scopes(source: str) -> list[Scope]:

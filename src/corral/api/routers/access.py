@@ -95,7 +95,7 @@ async def _open(websocket: WebSocket, vm_id: str) -> _Opened | None:
         if st.lifecycle is None:
             raise NodeUnavailable("This server runs no sandboxes (CORRAL_NODE=off)")
         access = Access(st.lifecycle, st.reads or st.sessions)
-        sessions, scopes = _bulkheads(st).sessions, session_scopes(who.key_id, vm_id)
+        sessions, scopes = _bulkheads(st).sessions, session_scopes(who.key_id, who.user_id, vm_id)
         sessions.acquire(scopes)
     except CorralError as exc:
         await _deny(websocket, exc)

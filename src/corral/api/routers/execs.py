@@ -155,7 +155,7 @@ CLIENT_CLOSED = 499  # never seen by anyone: the client is gone
 async def exec_command(
     vm_id: VmId, body: ExecRequest, who: PrincipalDep, st: StateDep, request: Request
 ) -> Any:
-    with _bulkheads(st).execs.slot(exec_scopes(who.key_id, vm_id)):
+    with _bulkheads(st).execs.slot(exec_scopes(who.key_id, who.user_id, vm_id)):
         prepared = await run_in_threadpool(_prepare, st, who.user_id, vm_id, body)
         collect = asyncio.ensure_future(_collect(prepared.events()))
         gone = asyncio.ensure_future(_client_gone(request.receive))
@@ -227,7 +227,7 @@ async def _stream(prepared: _Prepared) -> AsyncIterator[bytes]:
 )
 async def exec_stream(vm_id: VmId, body: ExecRequest, who: PrincipalDep, st: StateDep) -> StreamingResponse:
     execs = _bulkheads(st).execs
-    scopes = exec_scopes(who.key_id, vm_id)
+    scopes = exec_scopes(who.key_id, who.user_id, vm_id)
     execs.acquire(scopes)
     try:
         prepared = await run_in_threadpool(_prepare, st, who.user_id, vm_id, body)
