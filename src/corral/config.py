@@ -196,6 +196,7 @@ class Settings:
     # per VM; seconds an upload's body may send nothing; seconds a file worker may take for one operation
     max_file_ops_per_key: int = 16
     max_file_ops_per_vm: int = 8
+    max_file_ops_per_user: int = 32
     upload_idle_timeout_s: float = 30.0
     file_op_timeout_s: float = 30.0
     upload_min_rate_bps: int = 4096  # each upload_idle_timeout_s window of a body must bring this much a second
@@ -295,6 +296,7 @@ class Settings:
             ssh_login_timeout_s=_seconds(env, "CORRAL_SSH_LOGIN_TIMEOUT_S", 30.0),
             max_file_ops_per_key=_int(env, "CORRAL_MAX_FILE_OPS_PER_KEY", 16),
             max_file_ops_per_vm=_int(env, "CORRAL_MAX_FILE_OPS_PER_VM", 8),
+            max_file_ops_per_user=_int(env, "CORRAL_MAX_FILE_OPS_PER_USER", 32),
             upload_idle_timeout_s=_seconds(env, "CORRAL_UPLOAD_IDLE_TIMEOUT_S", 30.0),
             file_op_timeout_s=_seconds(env, "CORRAL_FILE_OP_TIMEOUT_S", 30.0),
             upload_min_rate_bps=_int0(env, "CORRAL_UPLOAD_MIN_RATE_BPS", 4096),

@@ -105,6 +105,15 @@ def test_one_account_with_many_keys_cannot_fill_the_server_exec_cap() -> None:
     assert sessions.try_acquire(session_scopes("key_new", "u_a", "vm_new")) == ("user", "u_a")
 
 
+def test_file_operations_count_per_account() -> None:
+    from corral.api.routers.files import FileLimits, _scopes
+
+    downloads = FileLimits.from_settings(Settings.from_env({"CORRAL_DATA_DIR": "/tmp/x"})).downloads
+    taken = sum(downloads.try_acquire(_scopes(f"key_{k}", "u_a", f"vm_{k}")) is None for k in range(40))
+    assert taken == 32  # 40 free keys on 40 VMs: the account's cap
+    assert downloads.try_acquire(_scopes("key_b", "u_b", "vm_b")) is None  # another account is not affected
+
+
 # ---- the SSH gateway's pre-authentication cap ----------------------------------------------------------------
 
 

@@ -74,7 +74,13 @@ class FileLimits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FileLimits:
-        caps = Caps({"key": settings.max_file_ops_per_key, "vm": settings.max_file_ops_per_vm})
+        caps = Caps(
+            {
+                "key": settings.max_file_ops_per_key,
+                "user": settings.max_file_ops_per_user,
+                "vm": settings.max_file_ops_per_vm,
+            }
+        )
         return cls(
             Bulkhead("upload", caps),
             Bulkhead("download", caps),
@@ -134,8 +140,8 @@ def _mode(raw: str) -> int:
     return int(raw, 8)
 
 
-def _scopes(key_id: str, vm_id: str) -> list[SlotScope]:
-    return [("key", key_id), ("vm", vm_id)]
+def _scopes(key_id: str, user_id: str, vm_id: str) -> list[SlotScope]:
+    return [("key", key_id), ("user", user_id), ("vm", vm_id)]
 
 
 class _Slot:
@@ -229,7 +235,7 @@ async def upload_file(
         target = normalise(path)
     except FileError as exc:
         raise file_error(exc) from None
-    slot = _Slot(limits.uploads, _scopes(who.key_id, vm_id))
+    slot = _Slot(limits.uploads, _scopes(who.key_id, who.user_id, vm_id))
     try:
         session = await _session(life, who.user_id, vm_id, limits)
         try:
@@ -268,7 +274,7 @@ async def download_file(vm_id: VmId, who: PrincipalDep, st: StateDep, path: File
         target = normalise(path)
     except FileError as exc:
         raise file_error(exc) from None
-    slot = _Slot(limits.downloads, _scopes(who.key_id, vm_id))
+    slot = _Slot(limits.downloads, _scopes(who.key_id, who.user_id, vm_id))
     try:
         session = await _session(life, who.user_id, vm_id, limits)
     except BaseException:
@@ -407,7 +413,7 @@ async def list_files(
     except FileError as exc:
         raise file_error(exc) from None
     after = decode_list_cursor(cursor, where) if cursor is not None else None
-    slot = _Slot(limits.listings, _scopes(who.key_id, vm_id))
+    slot = _Slot(limits.listings, _scopes(who.key_id, who.user_id, vm_id))
     try:
         session = await _session(life, who.user_id, vm_id, limits)
         try:
