@@ -117,6 +117,16 @@ def test_file_operations_count_per_account() -> None:
 # ---- the SSH gateway's pre-authentication cap ----------------------------------------------------------------
 
 
+def test_ipv6_sources_count_per_64() -> None:
+    from corral.ssh.gateway import source_of
+
+    assert source_of("2001:db8:1:2::5") == source_of("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert source_of("2001:db8:1:3::5") != source_of("2001:db8:1:2::5")
+    assert source_of("::ffff:127.0.0.2") == "127.0.0.2"
+    assert source_of("127.0.0.3") == "127.0.0.3"
+    assert source_of("fe80::1%eth0") == "fe80::/64"
+
+
 class _Conn:
     def __init__(self, source: str) -> None:
         self.source = source

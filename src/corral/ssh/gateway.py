@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -121,7 +122,7 @@ class _Server(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         peer = conn.get_extra_info("peername")
-        scopes: list[Scope] = [("source", str(peer[0]) if peer else "unknown"), ("all", "")]
+        scopes: list[Scope] = [("source", source_of(str(peer[0])) if peer else "unknown"), ("all", "")]
         full = self.limits.preauth.try_acquire(scopes)
         if full is not None:
             log.warning(
@@ -416,3 +417,15 @@ def unusable(detail: Detail) -> str:
     return (
         f"the VM is {detail.value}, not running: start it first (corral vm start / POST /v1/vms/{{id}}/start)"
     )
+
+
+def source_of(address: str) -> str:
+    """The pre-auth bulkhead's source of a peer address: an IPv6 address counts per /64 (one client holds a
+    whole /64, so per address it would have 2**64 sources); IPv4 and IPv4-mapped addresses per address."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else str(ip)
