@@ -199,7 +199,8 @@ class Settings:
     max_file_ops_per_user: int = 32
     upload_idle_timeout_s: float = 30.0
     file_op_timeout_s: float = 30.0
-    upload_min_rate_bps: int = 4096  # each upload_idle_timeout_s window of a body must bring this much a second
+    # each upload_idle_timeout_s window of a body must bring this much a second
+    upload_min_rate_bps: int = 4096
     download_send_timeout_s: float = 60.0  # a download whose client reads nothing for this long is ended
     sandbox_init: str | None = None  # pid 1 of sandboxes: corral-init (default) or e.g. /usr/bin/catatonit
     # the sandbox network (docs/operations.md): off = sandboxes get no network at all
