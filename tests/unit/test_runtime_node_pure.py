@@ -18,6 +18,7 @@ from corral.runtime.argv import RuntimeCli
 from corral.runtime.images import DEFAULT_IMAGE, ImageStore, apt_sources, shift_ownership, valid_name
 from corral.runtime.rootfs import mounts_under, overlay_options
 from corral.runtime.spec import IdRange, Limits, Runtime, SandboxSpec, build_config
+from corral.runtime.syscalls import fs_type
 
 # --- overlay --------------------------------------------------------------------------------------------
 
@@ -351,8 +352,17 @@ def _host_passwd() -> dict[str, tuple[str, str]]:
 
 @pytest.fixture
 def this_host() -> SandboxFiles:
-    """This process as the "sandbox": /proc/self/root is the host's root."""
-    return SandboxFiles(pid=os.getpid(), uid=os.getuid(), gid=os.getgid())
+    """This process as the "sandbox": /proc/self/root is the host's root, read in this process (``confined``:
+    no file worker) with the root filesystem's kind allowed, so the lookup logic is what is tested here (the
+    worker's own reads are tested in test_fileworker.py and on real sandboxes)."""
+    root = os.open("/", os.O_PATH)
+    try:
+        kind = fs_type(root)
+    finally:
+        os.close(root)
+    return SandboxFiles(
+        pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), confined=True, filesystems=frozenset({kind})
+    )
 
 
 def test_user_names_come_from_the_sandboxs_passwd(this_host: SandboxFiles) -> None:
@@ -405,6 +415,7 @@ def _spec(runtime: Runtime = Runtime.CRUN, **fields: Any) -> SandboxSpec:
         "cgroups_path": "/corral/vm_abc",
         "args": ("/sbin/init",),
         "runtime": runtime,
+        "devices_dir": "/var/lib/corral/node/bundles/vm_abc/dev",
     }
     return SandboxSpec(**{**base, **fields})
 
@@ -431,7 +442,8 @@ def test_seccomp_and_read_only_binds(runtime: Runtime) -> None:
 def test_no_seccomp_no_binds_by_default() -> None:
     config = build_config(_spec())
     assert "seccomp" not in config["linux"]
-    assert not [m for m in config["mounts"] if m["type"] == "bind" and not m["source"].startswith("/dev/")]
+    binds = [m for m in config["mounts"] if m["type"] == "bind" and m["destination"] != "/dev"]
+    assert not [m for m in binds if not m["source"].startswith("/dev/")]
 
 
 def test_seccomp_is_copied() -> None:
