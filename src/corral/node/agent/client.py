@@ -132,6 +132,21 @@ async def _readable(loop: asyncio.AbstractEventLoop, fds: Sequence[int], wait_s:
     return ready
 
 
+def read_control(control: bytes) -> tuple[int | None, int | None]:
+    """(the command's pid inside the sandbox, its wait status) from what corral-init has sent on the control
+    connection so far (``pid N``, ``exit N`` lines; ``error MESSAGE`` raises RuntimeError)."""
+    inner_pid: int | None = None
+    status: int | None = None
+    for line in control.split(b"\n"):
+        if line.startswith(b"pid "):
+            inner_pid = int(line[4:])
+        elif line.startswith(b"exit "):
+            status = int(line[5:])
+        elif line.startswith(b"error "):
+            raise RuntimeError(line[6:].decode(errors="replace"))
+    return inner_pid, status
+
+
 async def run_via_agent_async(
     sock_path: Path,
     args: Sequence[str],
@@ -202,13 +217,7 @@ async def run_via_agent_async(
                             raise RuntimeError(f"the sandbox's init dropped the command: {message!r}")
                         continue
                     control += data
-                    for line in control.split(b"\n"):
-                        if line.startswith(b"pid "):
-                            inner_pid = int(line[4:])
-                        elif line.startswith(b"exit "):
-                            status = int(line[5:])
-                        elif line.startswith(b"error "):
-                            raise RuntimeError(line[6:].decode(errors="replace"))
+                    inner_pid, status = read_control(control)
                     continue
                 if not data:
                     watched.remove(fd)
@@ -287,13 +296,7 @@ def run_via_agent(
                             raise RuntimeError(f"the sandbox's init dropped the command: {message!r}")
                         continue
                     control += data
-                    for line in control.split(b"\n"):
-                        if line.startswith(b"pid "):
-                            inner_pid = int(line[4:])
-                        elif line.startswith(b"exit "):
-                            status = int(line[5:])
-                        elif line.startswith(b"error "):
-                            raise RuntimeError(line[6:].decode(errors="replace"))
+                    inner_pid, status = read_control(control)
                     continue
                 if not data:
                     sel.unregister(key.fd)
